@@ -1,0 +1,5 @@
+import sys
+
+from gptjax.cli import main
+
+sys.exit(main())

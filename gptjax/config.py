@@ -1,0 +1,232 @@
+"""Typed, validated configuration: YAML file + dotted `key=value` overrides.
+
+OmegaConf merges the file and the overrides; pydantic checks every key and value. Any mistake
+becomes a `ConfigError` with one readable line (the CLI prints it and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    vocab_size: int = Field(8192, gt=0)
+    seq_len: int = Field(256, gt=0)
+    max_positions: int | None = Field(None, gt=0, description="position table size; default seq_len")
+    n_layer: int = Field(4, gt=0)
+    n_head: int = Field(4, gt=0)
+    d_model: int = Field(256, gt=0)
+    d_ff: int | None = Field(None, gt=0, description="MLP width; default 4 * d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = True
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    scan_layers: bool = True
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
+            )
+        if self.max_positions is not None and self.seq_len > self.max_positions:
+            raise ValueError(
+                f"model.seq_len={self.seq_len} exceeds model.max_positions={self.max_positions}"
+            )
+        return self
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def positions(self) -> int:
+        return self.max_positions or self.seq_len
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class MeshConfig(_Section):
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    rules: dict[str, str | list[str] | None] | None = Field(
+        None, description="logical axis -> mesh axis (or list, or null); default in sharding.py"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MeshConfig:
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if value == 0 or value < -1:
+                raise ValueError(f"mesh.{name}={value}: use a positive size or -1 (fill)")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ValueError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for name in ("dcn_data", "dcn_fsdp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mesh.{name}={getattr(self, name)} must be >= 1")
+        return self
+
+
+class DataConfig(_Section):
+    source: str = "stdlib"
+    tokenizer: str | None = Field(None, description="path to a SentencePiece model; None: train")
+    vocab_size: int = Field(8192, gt=255, description="pieces when training the tokenizer")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    cache_dir: str | None = Field(None, description="default: $GPTJAX_CACHE or ~/.cache/gptjax")
+    tokenizer_sample_bytes: int = Field(20_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        ok = self.source == "stdlib" or self.source.startswith(("text_dir:", "tfds:"))
+        if not ok:
+            raise ValueError(
+                f"data.source={self.source!r}: use 'stdlib', 'text_dir:PATH' or 'tfds:NAME'"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=0)
+    batch_size: int = Field(16, gt=0)
+    micro_batches: int = Field(1, gt=0)
+    eval_every: int = Field(100, ge=0, description="0: only at the end")
+    eval_steps: int = Field(8, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.micro_batches={self.micro_batches}"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(6e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: final decay share")
+    weight_decay: float = Field(0.1, ge=0.0)
+    b1: float = Field(0.9, ge=0.0, lt=1.0)
+    b2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    clip_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(500, ge=0, description="0: only at the end")
+    keep: int = Field(3, gt=0)
+    async_: bool = Field(True, alias="async")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class Config(_Section):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        keys.append(key)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, key + "."))
+    return keys
+
+
+def _explain(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(location, _valid_keys(Config), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown config key '{location}'{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return message
+    return f"{location}: {message} (got {first.get('input')!r})"
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_explain(error)) from None
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply `a.b=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections")
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
+    return from_dict(raw)
+
+
+def shape_keys(config: Config) -> dict[str, Any]:
+    """The settings that decide parameter shapes (a resume must match them)."""
+    model = config.model
+    return {
+        "model.vocab_size": model.vocab_size,
+        "model.n_layer": model.n_layer,
+        "model.n_head": model.n_head,
+        "model.d_model": model.d_model,
+        "model.d_ff": model.ff,
+        "model.max_positions": model.positions,
+        "model.tie_embeddings": model.tie_embeddings,
+    }

@@ -1,0 +1,95 @@
+"""SentencePiece BPE that round-trips text exactly (code included): no normalisation, whitespace
+kept, digits split, unknown characters as UTF-8 bytes. Id 1 is the end-of-document token."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+EOD_ID = 1
+TRAINER_SETTINGS = dict(
+    model_type="bpe",
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    byte_fallback=True,
+    split_digits=True,
+    add_dummy_prefix=False,
+    character_coverage=0.9995,
+    user_defined_symbols=["\n"],
+    unk_id=0,
+    eos_id=EOD_ID,
+    bos_id=-1,
+    pad_id=-1,
+    max_sentence_length=8192,
+)
+
+
+def _lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Lines of `texts` (what SentencePiece trains on), at most `max_bytes` of them."""
+    seen = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if not line:
+                continue
+            seen += len(line.encode())
+            if seen > max_bytes:
+                return
+            yield line
+
+
+def train(texts: Iterable[str], vocab_size: int, max_bytes: int = 20_000_000) -> bytes:
+    """Train a BPE model on (a capped sample of) `texts`; returns the serialised model."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts, max_bytes),
+        model_writer=model,
+        vocab_size=vocab_size,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+        **TRAINER_SETTINGS,
+    )
+    return model.getvalue()
+
+
+class Tokenizer:
+    def __init__(self, model: bytes):
+        self.model_bytes = model
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        return cls(Path(path).read_bytes())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.model_bytes)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for [vocab] (0 for control tokens): for bits per byte."""
+        sizes = np.zeros(self.vocab_size, np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                continue
+            if self.sp.is_byte(i):
+                sizes[i] = 1
+            else:
+                sizes[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return sizes

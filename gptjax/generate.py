@@ -1,0 +1,85 @@
+"""Load a trained run and sample text from it (temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax import checkpoint, config, train
+from gptjax.data import tokenizer as tok
+
+
+def load_run(run_dir: str | Path, step: int | None = None, devices=None):
+    """(setup, params, tokenizer) of a run_dir's newest (or given) checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise config.ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = config.load(run_dir / "config.yaml", ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"])
+    setup = train.build(cfg, devices or jax.devices()[:1])
+    ckpt = checkpoint.Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=False)
+    try:
+        state = ckpt.restore(setup.abstract_state, step)
+    finally:
+        ckpt.close()
+    tokenizer = tok.Tokenizer.load(run_dir / "tokenizer.model")
+    return setup, state["params"], tokenizer
+
+
+def filter_logits(logits_V, temperature: float, top_k: int, top_p: float, vocab: int):
+    """Scaled logits with everything outside the top-k / top-p (nucleus) set at -inf."""
+    logits = jnp.where(jnp.arange(logits_V.shape[-1]) < vocab, logits_V, -jnp.inf)
+    logits = logits / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = jnp.sort(logits)[-min(top_k, vocab)]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if 0.0 < top_p < 1.0:
+        order = jnp.argsort(-logits)
+        probs = jax.nn.softmax(logits[order])
+        keep_sorted = jnp.cumsum(probs) - probs < top_p  # the smallest set reaching top_p
+        keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def sample(
+    setup: train.Setup,
+    params: Any,
+    tokenizer: tok.Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_at_eod: bool = True,
+) -> str:
+    """Continue `prompt`; the context is the last seq_len tokens (fixed shape: one compile)."""
+    T = setup.cfg.model.seq_len
+    vocab = tokenizer.vocab_size
+    graphdef = setup.graphdef
+
+    @jax.jit
+    def next_token(params, window_T, position, key):
+        logits = nnx.merge(graphdef, params)(window_T[None])[0, position]
+        if temperature <= 0:
+            return jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf))
+        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, vocab))
+
+    ids = tokenizer.encode(prompt) or [tok.EOD_ID]
+    key = jax.random.key(seed)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        context = (ids + new)[-T:]
+        window = np.zeros(T, np.int32)
+        window[: len(context)] = context
+        key, sub = jax.random.split(key)
+        token = int(next_token(params, window, len(context) - 1, sub))
+        if stop_at_eod and token == tok.EOD_ID:
+            break
+        new.append(token)
+    return prompt + tokenizer.decode(new)

@@ -1,0 +1,117 @@
+"""FLOPs, MFU and the metrics sinks (metrics.jsonl and TensorBoard, process 0 only)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gptjax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip (not the sparse figure). Matched against device_kind.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; PCIe is 756e12
+    "H100 PCIe": 756e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by the model's shapes: total, and without embeddings (Kaplan's N)."""
+    D, F, L, V = cfg.d_model, cfg.ff, cfg.n_layer, cfg.vocab_size
+    per_layer = 4 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
+    wte, wpe = V * D, cfg.positions * D
+    head = 0 if cfg.tie_embeddings else D * V
+    blocks = L * per_layer + 2 * D
+    return {
+        "params": wte + wpe + head + blocks,
+        "non_embedding_params": blocks,
+        "position_params": wpe,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6·N + 12·L·H·Q·T.
+
+    N counts every parameter except position embeddings (the tied token table counts once, as
+    the output projection); the attention term counts the full (unmasked) score matrix.
+    """
+    counts = param_counts(cfg)
+    n = counts["params"] - counts["position_params"]
+    T = seq_len or cfg.seq_len
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+
+@functools.cache
+def measured_cpu_peak(size: int = 1536, repeats: int = 5) -> float:
+    """This machine's f32 matmul FLOP/s through XLA:CPU (all cores), measured once."""
+    device = jax.local_devices(backend="cpu")[0]
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
+    """Peak FLOP/s of all `devices` together, and where the number comes from.
+
+    CPU "devices" (including fake ones) share the same cores, so on CPU this is one measured
+    matmul peak for the whole machine.
+    """
+    devices = devices or jax.devices()
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return measured_cpu_peak(), "measured f32 matmul"
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name] * len(devices), f"table: {name}"
+    return float("nan"), f"unknown device kind {kind!r}"
+
+
+class MetricsWriter:
+    """Appends JSON lines to run_dir/metrics.jsonl and scalars to TensorBoard (process 0)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.file = None
+        self.tensorboard = None
+        if enabled:
+            run_dir = Path(run_dir)
+            self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+            from tensorboardX import SummaryWriter  # lazy: only process 0 writes events
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tensorboard.close()

@@ -1,0 +1,161 @@
+"""Device mesh and logical-axis sharding.
+
+The model names its axes (`embed`, `heads`, ...); one rules table maps each logical name to a
+mesh axis (`data`, `fsdp`, `tensor`), several, or none. Data parallel, FSDP and tensor parallel
+are then only choices of mesh shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gptjax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes. A mesh axis already used by an earlier dimension of the same array
+# is skipped, so activations [batch, seq, embed] shard batch over (data, fsdp) and leave embed
+# whole, while weights [embed, mlp] shard embed over fsdp (ZeRO-3) and mlp over tensor.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "head_dim": (),
+    "qkv": (),
+    "mlp": ("tensor",),
+    "layers": (),
+    "positions": (),
+}
+
+Rules = Mapping[str, tuple[str, ...]]
+
+
+def make_rules(overrides: Mapping[str, str | list[str] | None] | None = None) -> dict:
+    """The default table updated with the config's `mesh.rules`."""
+    rules = dict(DEFAULT_RULES)
+    for name, axes in (overrides or {}).items():
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        bad = [axis for axis in axes if axis not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"mesh.rules.{name}: unknown mesh axis {bad[0]!r}; use {MESH_AXES}")
+        rules[name] = tuple(axes)
+    return rules
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec, never using one mesh axis twice."""
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule")
+        axes = tuple(axis for axis in rules[name] if axis not in used)
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def resolve_shape(config: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Mesh sizes (data, fsdp, tensor) over all devices, with -1 filled in. dcn sizes included."""
+    dcn = (config.dcn_data, config.dcn_fsdp, 1)
+    sizes = [config.data, config.fsdp, config.tensor]
+    known = math.prod(size for size in sizes if size != -1) * math.prod(dcn)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(
+                f"mesh {_show(config)} does not divide the {n_devices} devices "
+                f"(the fixed axes already need {known})"
+            )
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) * math.prod(dcn) != n_devices:
+        raise ConfigError(
+            f"mesh {_show(config)} needs {math.prod(sizes) * math.prod(dcn)} devices "
+            f"but {n_devices} are available"
+        )
+    return sizes[0] * dcn[0], sizes[1] * dcn[1], sizes[2]
+
+
+def _show(config: MeshConfig) -> str:
+    text = f"data={config.data} fsdp={config.fsdp} tensor={config.tensor}"
+    if config.dcn_data > 1 or config.dcn_fsdp > 1:
+        text += f" dcn_data={config.dcn_data} dcn_fsdp={config.dcn_fsdp}"
+    return text
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with neighbouring devices next to each other."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_shape(config, len(devices))
+    dcn = (config.dcn_data, config.dcn_fsdp, 1)
+    if math.prod(dcn) > 1:
+        ici = tuple(size // d for size, d in zip(shape, dcn, strict=True))
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=devices[0].platform != "tpu"
+        )
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
+    return NamedSharding(mesh, spec)
+
+
+# --- activation constraints -------------------------------------------------------------------
+# The model calls `constrain(x, names)`; it is a no-op until a training or eval step activates a
+# mesh and rules with `activate`. Inside `activate` a constraint is always applied.
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "gptjax_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Trace under `mesh` and `rules`: `constrain` applies, and jit sees the mesh."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
+    """Error (before compiling) when a mesh axis does not divide the dimension it shards."""
+    for dim, axes in zip(shape, spec, strict=False):
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else axes
+        size = math.prod(mesh.shape[axis] for axis in axes)
+        if dim % size:
+            raise ConfigError(
+                f"{what}: dimension {dim} is not divisible by mesh axes {'×'.join(axes)}={size}"
+            )

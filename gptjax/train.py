@@ -1,0 +1,362 @@
+"""The training loop: the only module that knows about everything.
+
+TrainState is a plain pytree {"params", "opt_state", "step"}. `train_step` is a pure function,
+jitted once with explicit shardings and the state donated; gradient accumulation is a `lax.scan`
+over micro-batches inside it. Batches are built per device from the step index alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptjax import checkpoint, metrics, model, optim, sharding
+from gptjax.config import Config, ConfigError, shape_keys
+from gptjax.data import Dataset, load_dataset
+
+
+@dataclass
+class Setup:
+    """Everything derived from the config before any array exists."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    rules: dict
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any  # pytree of NamedSharding matching TrainState
+    abstract_state: Any  # pytree of ShapeDtypeStruct (with shardings)
+    batch_sharding: NamedSharding  # [batch, seq + 1] tokens
+
+    def activate(self):
+        return sharding.activate(self.mesh, self.rules)
+
+
+def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
+    """Mesh, shardings and the abstract TrainState; errors here happen before compiling."""
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    graphdef, abstract_params = model.abstract(cfg.model)
+    logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
+    shapes = abstract_params.to_pure_dict()
+    param_specs = jax.tree.map(
+        lambda names: sharding.logical_to_spec(tuple(names), rules),
+        logical,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
+    flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, leaf), spec in zip(flat_shapes, flat_specs, strict=True):
+        sharding.check_divisible(leaf.shape, spec, mesh, f"parameter {jax.tree_util.keystr(path)}")
+
+    batch_spec = sharding.logical_to_spec(("batch", None), rules)
+    sharding.check_divisible(
+        (cfg.train.batch_size // cfg.train.micro_batches,), batch_spec, mesh, "train.batch_size"
+        " / train.micro_batches (per micro-batch)"
+    )
+
+    schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    optimizer = optim.make(cfg.optim, cfg.train.steps)
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    opt_specs = optax.tree_map_params(
+        optimizer,
+        lambda _, spec: spec,
+        opt_shapes,
+        param_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=is_spec,
+    )
+    specs = {"params": param_specs, "opt_state": opt_specs, "step": PartitionSpec()}
+    state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+    shapes_tree = {
+        "params": shapes,
+        "opt_state": opt_shapes,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes_tree,
+        state_shardings,
+    )
+    return Setup(
+        cfg=cfg,
+        mesh=mesh,
+        rules=rules,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        schedule=schedule,
+        state_shardings=state_shardings,
+        abstract_state=abstract_state,
+        batch_sharding=NamedSharding(mesh, batch_spec),
+    )
+
+
+def init_state(setup: Setup) -> dict[str, Any]:
+    """Parameters and optimiser state created directly in their shards."""
+    cfg = setup.cfg
+
+    def init():
+        params = model.init_params(cfg.model, cfg.seed)
+        return {
+            "params": params,
+            "opt_state": setup.optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    with setup.activate():
+        return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def token_losses(graphdef, params, tokens_BT1, key=None) -> jax.Array:
+    """Per-token cross-entropy [B, T] (nats, f32) of predicting tokens[:, 1:] from [:, :-1]."""
+    gpt = nnx.merge(graphdef, params)
+    logits = gpt(tokens_BT1[:, :-1], key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT1[:, 1:])
+
+
+def make_train_step(setup: Setup):
+    """jit(state, batch [B, T+1]) -> (state, metrics); the state is donated."""
+    cfg, graphdef = setup.cfg, setup.graphdef
+    micro = cfg.train.micro_batches
+    use_dropout = cfg.model.dropout > 0
+
+    def loss_fn(params, tokens, key):
+        return token_losses(graphdef, params, tokens, key).mean()
+
+    def step_fn(state, batch_BT1):
+        params = state["params"]
+        key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"]) if use_dropout else None
+        # Micro-batch m takes rows m, m+M, m+2M, ...: every device holds part of every one.
+        B, T1 = batch_BT1.shape
+        micro_MBT1 = batch_BT1.reshape(B // micro, micro, T1).swapaxes(0, 1)
+
+        def accumulate(carry, xs):
+            loss_sum, grad_sum = carry
+            index, tokens = xs
+            tokens = sharding.constrain(tokens, ("batch", None))
+            sub_key = None if key is None else jax.random.fold_in(key, index)
+            loss, grads = jax.value_and_grad(loss_fn)(params, tokens, sub_key)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (loss_sum + loss, grad_sum), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(micro), micro_MBT1)
+        )
+        loss, grads = loss / micro, jax.tree.map(lambda g: g / micro, grads)
+        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        stats = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": setup.schedule(state["step"]),
+        }
+        return new_state, stats
+
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(setup.state_shardings, setup.batch_sharding),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=0,
+    )
+
+    def run(state, batch):
+        with setup.activate():
+            return jitted(state, batch)
+
+    return run
+
+
+def make_eval_step(setup: Setup, token_bytes: np.ndarray):
+    """jit(params, batch) -> (sum of token losses in nats, tokens scored, UTF-8 bytes scored)."""
+    table = np.zeros(setup.cfg.model.vocab_size, np.float32)
+    table[: len(token_bytes)] = token_bytes
+
+    def eval_fn(params, batch_BT1):
+        losses = token_losses(setup.graphdef, params, batch_BT1)
+        n_bytes = jnp.asarray(table)[batch_BT1[:, 1:]].sum()
+        return losses.sum(), jnp.asarray(losses.size, jnp.float32), n_bytes
+
+    jitted = jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.batch_sharding))
+
+    def run(params, batch):
+        with setup.activate():
+            return jitted(params, batch)
+
+    return run
+
+
+def global_batch(setup: Setup, rows_fn, batch_size: int) -> jax.Array:
+    """Assemble the [batch_size, T+1] global batch; each device builds only its own rows."""
+    seq = setup.cfg.model.seq_len + 1
+
+    def shard(index):
+        rows = index[0]
+        start, stop = rows.start or 0, rows.stop if rows.stop is not None else batch_size
+        return rows_fn(start, stop)
+
+    return jax.make_array_from_callback((batch_size, seq), setup.batch_sharding, shard)
+
+
+def evaluate(setup: Setup, eval_step, params, data: Dataset, n_batches: int) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte over `n_batches` fixed batches."""
+    batch_size = setup.cfg.train.batch_size
+    totals = np.zeros(3)
+    for k in range(n_batches):
+        batch = global_batch(
+            setup, lambda a, b, k=k: data.val_rows(k, batch_size, a, b), batch_size
+        )
+        totals += np.array([float(x) for x in eval_step(params, batch)])
+    loss_sum, tokens, n_bytes = totals
+    loss = loss_sum / tokens
+    return {
+        "eval_loss": float(loss),
+        "eval_ppl": float(math.exp(min(loss, 700))),
+        "eval_bpb": float(loss_sum / (math.log(2) * n_bytes)),
+    }
+
+
+def check_resume(run_dir: Path, cfg: Config) -> None:
+    """Refuse to resume a run whose saved config has different parameter shapes."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    from gptjax import config as config_module
+
+    try:
+        saved = config_module.load(saved_path)
+    except ConfigError as error:
+        raise ConfigError(f"{saved_path}: {error}") from None
+    old, new = shape_keys(saved), shape_keys(cfg)
+    differ = [f"{k} ({old[k]} -> {new[k]})" for k in old if old[k] != new[k]]
+    if differ:
+        raise ConfigError(
+            f"{run_dir} holds a run with different parameter shapes: {', '.join(differ)}; "
+            "use a new run_dir"
+        )
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"run_dir {run_dir} is not writable: {error.strerror}") from None
+    return run_dir
+
+
+def load_data(cfg: Config, run_dir: Path) -> Dataset:
+    """The run's data; a resumed run keeps the tokenizer saved in its run_dir."""
+    saved = run_dir / "tokenizer.model"
+    data = load_dataset(cfg.data, cfg.model.seq_len, saved if saved.is_file() else None)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size="
+            f"{cfg.model.vocab_size}; raise model.vocab_size"
+        )
+    return data
+
+
+def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in cfg.run_dir; returns the last train and eval metrics."""
+    setup = build(cfg)  # config/mesh errors first, before touching the disk
+    run_dir = prepare_run_dir(cfg)
+    check_resume(run_dir, cfg)
+    lead = jax.process_index() == 0
+    data = load_data(cfg, run_dir)
+    if lead:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if not (run_dir / "tokenizer.model").is_file():
+            data.tokenizer.save(run_dir / "tokenizer.model")
+
+    ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_)
+    start = ckpt.latest_step()
+    if start is None:
+        state = init_state(setup)
+        start = 0
+    else:
+        state = ckpt.restore(setup.abstract_state, start)
+    train_step = make_train_step(setup)
+    eval_step = make_eval_step(setup, data.token_bytes)
+
+    B, T = cfg.train.batch_size, cfg.model.seq_len
+    flops_token = metrics.flops_per_token(cfg.model)
+    peak, _ = metrics.peak_flops(list(setup.mesh.devices.flat))
+    writer = metrics.MetricsWriter(run_dir, enabled=lead)
+    bar = None
+    if progress and lead:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def batch_for(step):
+        return global_batch(setup, lambda a, b: data.train_rows(cfg.seed, step, B, a, b), B)
+
+    last: dict[str, Any] = {}
+    pending = None  # (step, stats) of the step dispatched before the current one
+    window_start, window_steps = time.perf_counter(), 0
+
+    def report(step, stats):
+        nonlocal window_start, window_steps
+        record = {"step": step, **{k: float(v) for k, v in stats.items()}}
+        window_steps += 1
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * B * T / elapsed
+            record["tokens_per_s"] = tokens_per_s
+            record["mfu"] = tokens_per_s * flops_token / peak
+            writer.write(record)
+            window_start, window_steps = time.perf_counter(), 0
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        last.update(record)
+
+    for step in range(start, cfg.train.steps):
+        state, stats = train_step(state, batch_for(step))
+        if pending is not None:  # read step n-1's numbers while step n runs
+            report(*pending)
+        pending = (step + 1, stats)
+        if bar is not None:
+            bar.update(1)
+        done = step + 1
+        is_last = done == cfg.train.steps
+        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last:
+            report(*pending)
+            pending = None
+            result = evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps)
+            writer.write({"step": done, **result})
+            last.update(result)
+            if bar is not None:
+                bar.write(f"step {done}: eval loss {result['eval_loss']:.4f}, "
+                          f"bpb {result['eval_bpb']:.4f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last:
+            ckpt.save(done, state)
+    if pending is not None:
+        report(*pending)
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+    writer.close()
+    last["final_step"] = max(start, cfg.train.steps)
+    return last
