@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Fresh machine -> venv -> trains configs/quickstart.yaml on the standard library on CPU -> samples.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GPTJAX_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$VENV/bin/python" -m pip install -q -e .
+RUN_DIR=${RUN_DIR:-runs/quickstart}
+start=$(date +%s)
+"$VENV/bin/gptjax" train configs/quickstart.yaml run_dir="$RUN_DIR" "$@"
+echo "trained in $(( $(date +%s) - start )) s; sampling:"
+echo "----------------------------------------"
+"$VENV/bin/gptjax" sample "$RUN_DIR" --prompt "def " --max-new-tokens 200 --temperature 0.8 \
+  --top-k 50
+echo "----------------------------------------"
+"$VENV/bin/gptjax" eval "$RUN_DIR"

@@ -1,0 +1,44 @@
+"""Shared fixtures. Every test process sees 8 fake CPU devices, so every mesh shape is testable."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from gptjax import config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One data cache for the whole session (the stdlib corpus is tokenised once)."""
+    path = os.environ.get("GPTJAX_CACHE")
+    return Path(path) if path else tmp_path_factory.mktemp("gptjax-cache")
+
+
+def tiny_config(run_dir, cache_dir, *overrides: str) -> config.Config:
+    """configs/debug.yaml pointed at `run_dir` and the session cache, with overrides."""
+    return config.load(
+        ROOT / "configs" / "debug.yaml",
+        [f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides],
+    )
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """Run `python -m gptjax ARGS` in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gptjax", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
