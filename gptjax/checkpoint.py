@@ -47,7 +47,8 @@ class Checkpointer:
             )
         except (ValueError, KeyError, FileNotFoundError, OSError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {first}")
+            message = f"cannot restore step {step} from {self.directory}: {first}"
+            raise CheckpointError(message) from None
         return restored["state"]
 
     def wait(self) -> None:

@@ -27,7 +27,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     vocab_size: int = Field(8192, gt=0)
     seq_len: int = Field(256, gt=0)
-    max_positions: int | None = Field(None, gt=0, description="position table size; default seq_len")
+    max_positions: int | None = Field(None, gt=0, description="position table; default seq_len")
     n_layer: int = Field(4, gt=0)
     n_head: int = Field(4, gt=0)
     d_model: int = Field(256, gt=0)

@@ -63,8 +63,10 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
 
     batch_spec = sharding.logical_to_spec(("batch", None), rules)
     sharding.check_divisible(
-        (cfg.train.batch_size // cfg.train.micro_batches,), batch_spec, mesh, "train.batch_size"
-        " / train.micro_batches (per micro-batch)"
+        (cfg.train.batch_size // cfg.train.micro_batches,),
+        batch_spec,
+        mesh,
+        "train.batch_size / train.micro_batches (per micro-batch)",
     )
 
     schedule = optim.schedule(cfg.optim, cfg.train.steps)
@@ -347,8 +349,10 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
             writer.write({"step": done, **result})
             last.update(result)
             if bar is not None:
-                bar.write(f"step {done}: eval loss {result['eval_loss']:.4f}, "
-                          f"bpb {result['eval_bpb']:.4f}")
+                bar.write(
+                    f"step {done}: eval loss {result['eval_loss']:.4f}, "
+                    f"bpb {result['eval_bpb']:.4f}"
+                )
             window_start, window_steps = time.perf_counter(), 0
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last:
             ckpt.save(done, state)
