@@ -1,55 +1,104 @@
 """Orbax checkpoints of the TrainState {params, opt_state, step} under run_dir/checkpoints.
 
-Saves are asynchronous and sharded (each process writes its own shards); a step is visible only
-once complete. Restores go through abstract targets carrying the new shardings, so a checkpoint
-written on one mesh restores onto any other.
+Saves are asynchronous and sharded (each process writes its own shards). Orbax writes a step
+under a temporary name and renames it when complete, so a half-written step is never listed;
+old steps are removed only after a newer one is complete. Restores go through abstract targets
+carrying the new shardings, so a checkpoint written on one mesh restores onto any other mesh and
+any number of processes. Each step also stores the resolved config as JSON.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("gptjax")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line."""
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep: int = 3,
+        async_save: bool = True,
+        keep_period: int | None = None,
+    ):
         self.directory = Path(run_dir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=keep,
+            keep_period=keep_period or None,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save killed mid-way
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler()},
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any) -> None:
-        """Start saving `state` as `step` (returns once the device-to-host copy is done)."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, config: dict | None = None) -> None:
+        """Start saving `state` as `step`; returns once the device-to-host copy is done."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """Restore `step` (default newest) onto the shardings in `abstract_state`."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        if step not in self.manager.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}")
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             )
-        except (ValueError, KeyError, FileNotFoundError, OSError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-            message = f"cannot restore step {step} from {self.directory}: {first}"
+        except Exception as error:  # noqa: BLE001 - any failure here means an unusable step
+            message = f"cannot restore step {step} from {self.directory}: {_first_line(error)}"
             raise CheckpointError(message) from None
         return restored["state"]
+
+    def restore_newest_valid(self, abstract_state: Any) -> tuple[int, Any] | None:
+        """(step, state) of the newest step that restores; a broken step is reported and skipped.
+
+        None when there are no checkpoints at all; CheckpointError when none of them restores.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return None
+        for step in reversed(steps):
+            try:
+                return step, self.restore(abstract_state, step)
+            except CheckpointError as error:
+                log.warning("skipping checkpoint: %s", error)
+        raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} restores")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -57,3 +106,32 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def flatten(params: Any) -> dict[str, np.ndarray]:
+    """{"blocks.qkv_w": array, ...}: the parameter tree as dotted names."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = ".".join(str(getattr(key, "key", key)) for key in path)
+        out[name] = np.asarray(jax.device_get(leaf))
+    return out
+
+
+def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Consolidated parameters (params.npz, f32, dotted names) + config.yaml + tokenizer.model."""
+    from gptjax import generate  # the inference loader; import here to keep this module light
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new --out directory")
+    setup, params, _ = generate.load_run(run_dir, step)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = out / ".params.npz.tmp"
+    with open(scratch, "wb") as file:
+        np.savez(file, **flatten(params))
+    scratch.rename(out / "params.npz")
+    shutil.copy(run_dir / "tokenizer.model", out / "tokenizer.model")
+    (out / "config.yaml").write_text(setup.cfg.to_yaml())
+    meta = {"step": int(step) if step is not None else None, "source": str(run_dir.absolute())}
+    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    return out

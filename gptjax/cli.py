@@ -1,4 +1,4 @@
-"""`gptjax` / `python -m gptjax`: train, sample, eval. User mistakes print one line and exit 2."""
+"""`gptjax` / `python -m gptjax`: train, sample, eval, bench, plot. User mistakes print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -9,17 +9,30 @@ import sys
 from gptjax.checkpoint import CheckpointError
 from gptjax.config import ConfigError
 from gptjax.data import DataError
+from gptjax.distributed import DistributedError
+from gptjax.launch import LaunchError
+from gptjax.launch import add_arguments as add_launch_arguments
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, DistributedError, LaunchError)
 
 
 def _train(args) -> int:
+    import jax
+
     from gptjax import config, train
 
-    cfg = config.load(args.config, args.overrides)
+    debug = ["debug.enabled=true"] if args.debug else []
+    cfg = config.load(args.config, [*args.overrides, *debug])
     result = train.train(cfg, progress=not args.no_progress)
-    print(json.dumps(result))
+    if jax.process_index() == 0:  # one summary line per run, not per process
+        print(json.dumps(result))
     return 0
+
+
+def _launch(args) -> int:
+    from gptjax import launch
+
+    return launch.run_from_args(args)
 
 
 def _sample(args) -> int:
@@ -58,6 +71,65 @@ def _eval(args) -> int:
     return 0
 
 
+def _data_prepare(args) -> int:
+    from pathlib import Path
+
+    from gptjax import config
+    from gptjax.data import pipeline
+
+    cfg = config.load(args.config, args.overrides)
+    saved = Path(cfg.run_dir) / "tokenizer.model"  # a run keeps its tokenizer
+    directory = pipeline.prepare(
+        cfg.data,
+        cfg.model.seq_len,
+        saved if saved.is_file() else None,
+        max_vocab=cfg.model.vocab_size,
+        progress=not args.no_progress,
+    )
+    meta = json.loads((directory / "meta.json").read_text())
+    print(json.dumps({"directory": str(directory), **meta}))
+    return 0
+
+
+def _bench(args) -> int:
+    from gptjax import bench, config
+
+    sizes = [None]
+    if args.batch_sizes:
+        try:
+            sizes = [int(size) for size in args.batch_sizes.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--batch-sizes {args.batch_sizes!r}: use comma-separated integers, e.g. 8,16,32"
+            ) from None
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError("bench needs --steps >= 1 and --warmup >= 0")
+    measured = 0
+    for size in sizes:
+        extra = [] if size is None else [f"train.batch_size={size}"]
+        cfg = config.load(args.config, [*args.overrides, *extra])
+        result = bench.run(cfg, steps=args.steps, warmup=args.warmup, data=args.data)
+        print(json.dumps(result), flush=True)
+        if "error" in result:  # out of memory: larger batches will not fit either
+            break
+        measured += 1
+    return 0 if measured else 3
+
+
+def _plot(args) -> int:
+    from gptjax import plot
+
+    out = plot.plot_run(args.run_dir, args.out)
+    print(out)
+    return 0
+
+
+def _plan(args) -> int:
+    from gptjax import plan
+
+    return plan.run(args)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gptjax", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -66,7 +138,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=100")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="one device, NaN checks, compile log, parameter table, step timings (debug.*)",
+    )
     p.set_defaults(run=_train)
+
+    p = commands.add_parser(
+        "launch", help="start N processes on this machine (or show what a cluster gives)"
+    )
+    add_launch_arguments(p)
+    p.set_defaults(run=_launch)
 
     p = commands.add_parser("sample", help="sample text from a trained run")
     p.add_argument("run_dir")
@@ -85,11 +168,54 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--batches", type=int, default=0, help="default: the whole validation set")
     p.set_defaults(run=_eval)
+
+    p = commands.add_parser("bench", help="steady-state training throughput; one JSON line")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. model.remat=full")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps after the compile")
+    p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
+    p.add_argument(
+        "--batch-sizes",
+        default="",
+        help="comma-separated train.batch_size values, one JSON line each; stops at out-of-memory",
+    )
+    p.set_defaults(run=_bench)
+
+    p = commands.add_parser("plot", help="PNG of loss, eval loss, lr, tokens/s and MFU vs step")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
+    p.set_defaults(run=_plot)
+
+    p = commands.add_parser("plan", help="params, FLOPs/token and bytes per device on a mesh")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. mesh.fsdp=8")
+    p.add_argument("--devices", type=int, default=None, help="plan for N (fake CPU) devices")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.add_argument("--params", action="store_true", help="also a table of every parameter")
+    p.add_argument("--no-xla", action="store_true", help="skip the XLA compile (analytic only)")
+    p.set_defaults(run=_plan)
+
+    p = commands.add_parser("data", help="data tools: `data prepare CONFIG` caches packed tokens")
+    data_commands = p.add_subparsers(dest="data_command", required=True)
+    p = data_commands.add_parser(
+        "prepare", help="write documents, train the tokenizer, pack tokens (reuses the cache)"
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.source=text_dir:DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_data_prepare)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    # `train CONFIG --debug a=1 b=2`: argparse leaves overrides that follow a flag unparsed.
+    if extra and hasattr(args, "overrides") and all("=" in e and e[0] != "-" for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except USER_ERRORS as error:

@@ -25,6 +25,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: a static jit argument
+
     vocab_size: int = Field(8192, gt=0)
     seq_len: int = Field(256, gt=0)
     max_positions: int | None = Field(None, gt=0, description="position table; default seq_len")
@@ -39,12 +41,19 @@ class ModelConfig(_Section):
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     scan_layers: bool = True
     attention: Literal["auto", "xla", "cudnn"] = "auto"
+    loss_chunk: int = Field(
+        0, ge=0, description="cross-entropy over chunks of this many positions; 0: all at once"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.d_model % self.n_head:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
+            )
+        if self.loss_chunk and self.seq_len % self.loss_chunk:
+            raise ValueError(
+                f"model.loss_chunk={self.loss_chunk} does not divide model.seq_len={self.seq_len}"
             )
         if self.max_positions is not None and self.seq_len > self.max_positions:
             raise ValueError(
@@ -96,6 +105,11 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     cache_dir: str | None = Field(None, description="default: $GPTJAX_CACHE or ~/.cache/gptjax")
     tokenizer_sample_bytes: int = Field(20_000_000, gt=0)
+    tfds_data_dir: str | None = Field(
+        None, description="for tfds:NAME; default: $TFDS_DATA_DIR or ~/tensorflow_datasets"
+    )
+    val_max_documents: int = Field(10_000, gt=0, description="cap on held-out documents")
+    prefetch: int = Field(2, ge=0, description="batches built ahead in a background thread")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -114,9 +128,22 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=0, description="0: only at the end")
     eval_steps: int = Field(8, gt=0)
     log_every: int = Field(10, gt=0)
+    profile_steps: list[int] | None = Field(
+        None, description="[first, last] (numbered as in metrics.jsonl): trace into run_dir/profile"
+    )
+    step_timeout: float = Field(
+        0.0, ge=0.0, description="seconds without progress before the watchdog exits; 0: off"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.profile_steps is not None and (
+            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            raise ValueError(
+                f"train.profile_steps={self.profile_steps}: use [first, last] with "
+                "1 <= first <= last, e.g. [10, 12]"
+            )
         if self.batch_size % self.micro_batches:
             raise ValueError(
                 f"train.batch_size={self.batch_size} is not divisible by "
@@ -146,6 +173,18 @@ class CheckpointConfig(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+class DistributedConfig(_Section):
+    init_timeout: int = Field(300, gt=0, description="seconds to wait for every process to join")
+    heartbeat_timeout: int = Field(100, gt=0, description="seconds before a silent peer is dead")
+
+
+class DebugConfig(_Section):
+    enabled: bool = Field(False, description="one device, NaN checks, timings (--debug)")
+    no_jit: bool = Field(False, description="run eagerly (jax.disable_jit) for pdb")
+    nans: bool = Field(True, description="jax_debug_nans + a finiteness check every step")
+    log_compiles: bool = Field(True, description="log every compilation (jax_log_compiles)")
+
+
 class Config(_Section):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -155,6 +194,8 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    debug: DebugConfig = DebugConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

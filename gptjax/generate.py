@@ -70,7 +70,7 @@ def sample(
             return jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf))
         return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, vocab))
 
-    ids = tokenizer.encode(prompt) or [tok.EOD_ID]
+    ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
     key = jax.random.key(seed)
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -79,7 +79,7 @@ def sample(
         window[: len(context)] = context
         key, sub = jax.random.split(key)
         token = int(next_token(params, window, len(context) - 1, sub))
-        if stop_at_eod and token == tok.EOD_ID:
+        if stop_at_eod and token == tokenizer.eod_id:
             break
         new.append(token)
     return prompt + tokenizer.decode(new)

@@ -1,6 +1,6 @@
 """The GPT-2 architecture in Flax NNX, layers stacked and run with `lax.scan`.
 
-Every parameter carries logical axis names (`sharding_names`); the model knows nothing of meshes.
+Every parameter carries logical axis names (`out_sharding` metadata); the model knows nothing of meshes.
 Shapes use B batch, T sequence, D d_model, N heads, H head_dim, F d_ff, V vocab, L layers.
 Parameters are kept in `param_dtype` (f32); matmuls run in `dtype` (bf16 or f32); layer norms,
 softmax statistics and logits are f32.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax.config import ModelConfig
+from gptjax.config import ConfigError, ModelConfig
 from gptjax.sharding import constrain
 
 LN_EPS = 1e-5  # GPT-2's layer-norm epsilon
@@ -33,7 +33,7 @@ def _param(rngs: nnx.Rngs, shape, names, std: float | None, fill: float = 0.0, d
         value = jnp.full(shape, fill, dtype)
     else:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, sharding_names=tuple(names))
+    return nnx.Param(value, out_sharding=tuple(names))
 
 
 class Blocks(nnx.Module):
@@ -78,10 +78,14 @@ def _dropout(x, rate: float, key):
 
 def attention_impl(setting: str, dtype) -> str:
     """`auto` picks cuDNN flash attention on NVIDIA GPUs in bf16/f16, XLA otherwise."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    if setting == "cudnn" and not (on_gpu and half):
+        need = "an NVIDIA GPU" if not on_gpu else "model.dtype=bfloat16"
+        raise ConfigError(f"model.attention=cudnn needs {need}; use model.attention=auto or xla")
     if setting != "auto":
         return setting
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+    return "cudnn" if on_gpu and half else "xla"
 
 
 def block(p: dict[str, jax.Array], x_BTD: jax.Array, cfg: ModelConfig, key=None) -> jax.Array:
@@ -139,7 +143,7 @@ class GPT(nnx.Module):
             x = _dropout(x, cfg.dropout, embed_key)
             keys = jax.random.split(key, cfg.n_layer)
 
-        stacked = nnx.state(self.blocks, nnx.Param).to_pure_dict()
+        stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
         body = lambda x, p_key: (block(p_key[0], x, cfg, p_key[1]), None)
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
@@ -179,7 +183,7 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, Any]:
     """Freshly initialised parameters as a pure dict of arrays (jit this with out_shardings)."""
     with nnx.use_eager_sharding(False):
         model = GPT(cfg, nnx.Rngs(params=seed))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def count_params(params: dict[str, Any]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -39,11 +40,31 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 
 Rules = Mapping[str, tuple[str, ...]]
 
+# The config key that sets the size of each logical axis (named in divisibility errors).
+SIZE_KEYS = {
+    "vocab": "model.vocab_size",
+    "heads": "model.n_head",
+    "mlp": "model.d_ff",
+    "embed": "model.d_model",
+    "head_dim": "model.d_model/model.n_head (head size)",
+    "positions": "model.max_positions",
+    "layers": "model.n_layer",
+    "qkv": "the q/k/v axis",
+    "batch": "the batch",
+    "seq": "model.seq_len",
+}
+
+log = logging.getLogger("gptjax")
+
 
 def make_rules(overrides: Mapping[str, str | list[str] | None] | None = None) -> dict:
     """The default table updated with the config's `mesh.rules`."""
     rules = dict(DEFAULT_RULES)
     for name, axes in (overrides or {}).items():
+        if name not in DEFAULT_RULES:
+            raise ConfigError(
+                f"mesh.rules.{name}: unknown logical axis; use one of {', '.join(DEFAULT_RULES)}"
+            )
         if axes is None:
             axes = ()
         elif isinstance(axes, str):
@@ -148,14 +169,77 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
-def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
-    """Error (before compiling) when a mesh axis does not divide the dimension it shards."""
-    for dim, axes in zip(shape, spec, strict=False):
-        if axes is None:
+def _label(axes: Sequence[str], mesh: Mesh) -> str:
+    """`mesh.tensor=4` or `mesh.data×mesh.fsdp=8` (sizes include dcn_* factors)."""
+    size = math.prod(mesh.shape[axis] for axis in axes)
+    return "×".join(f"mesh.{axis}" for axis in axes) + f"={size}"
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def check_parameters(shapes, logical, rules: Rules, mesh: Mesh) -> set[str]:
+    """Check every parameter dimension against the mesh axes that shard it, before compiling.
+
+    `shapes` is a pytree of arrays or ShapeDtypeStructs, `logical` the matching pytree of
+    PartitionSpecs of logical names. Raises ConfigError naming the config key, e.g.
+    "model.n_head=6 is not divisible by mesh.tensor=4". Returns the mesh axes of size > 1 that
+    shard at least one parameter.
+    """
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    used: set[str] = set()
+    flat_names = jax.tree.leaves(logical, is_leaf=is_spec)
+    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
+    for (path, leaf), names in zip(flat_shapes, flat_names, strict=True):
+        spec = logical_to_spec(tuple(names), rules)
+        for dim, name, entry in zip(leaf.shape, names, spec, strict=False):
+            axes = _spec_axes(entry)
+            size = math.prod(mesh.shape[axis] for axis in axes)
+            if dim % size:
+                key = SIZE_KEYS.get(name, f"parameter {jax.tree_util.keystr(path)} axis {name}")
+                raise ConfigError(
+                    f"{key}={dim} is not divisible by {_label(axes, mesh)}; "
+                    "change the model size, the mesh or mesh.rules"
+                )
+            used.update(axis for axis in axes if mesh.shape[axis] > 1)
+    return used
+
+
+def check_batch(batch_size: int, micro_batches: int, rules: Rules, mesh: Mesh) -> set[str]:
+    """The per-micro-batch row count must divide over the mesh axes that shard `batch`.
+
+    Returns the mesh axes of size > 1 that shard the batch.
+    """
+    axes = _spec_axes(logical_to_spec(("batch",), rules)[0])
+    size = math.prod(mesh.shape[axis] for axis in axes)
+    rows = batch_size // micro_batches
+    if rows % size:
+        what = f"train.batch_size={batch_size}"
+        if micro_batches > 1:
+            what += f" / train.micro_batches={micro_batches} = {rows} rows per micro-batch"
+        raise ConfigError(f"{what} is not divisible by {_label(axes, mesh)}")
+    return {axis for axis in axes if mesh.shape[axis] > 1}
+
+
+def warn_idle_axes(mesh: Mesh, param_axes: set[str], batch_axes: set[str]) -> list[str]:
+    """Log one warning line per mesh axis of size > 1 that shards no parameter.
+
+    `data` is exempt while it shards the batch (that is data parallelism). Returns the lines.
+    """
+    lines = []
+    for axis in MESH_AXES:
+        size = mesh.shape[axis]
+        if size == 1 or axis in param_axes or (axis == "data" and axis in batch_axes):
             continue
-        axes = (axes,) if isinstance(axes, str) else axes
-        size = math.prod(mesh.shape[axis] for axis in axes)
-        if dim % size:
-            raise ConfigError(
-                f"{what}: dimension {dim} is not divisible by mesh axes {'×'.join(axes)}={size}"
-            )
+        if axis in batch_axes:
+            effect = "it only splits the batch, like mesh.data"
+        else:
+            effect = f"its {size} device groups repeat the same work"
+        lines.append(
+            f"mesh.{axis}={size} shards no parameter ({effect}); check mesh.rules or the mesh shape"
+        )
+        log.warning(lines[-1])
+    return lines

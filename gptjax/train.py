@@ -21,9 +21,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptjax import checkpoint, metrics, model, optim, sharding
+from gptjax import checkpoint, debug, distributed, metrics, model, optim, sharding
+from gptjax import loss as vocab_loss
 from gptjax.config import Config, ConfigError, shape_keys
 from gptjax.data import Dataset, load_dataset
+from gptjax.data import loader as data_loader
 
 
 @dataclass
@@ -49,25 +51,17 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.make_rules(cfg.mesh.rules)
     graphdef, abstract_params = model.abstract(cfg.model)
-    logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
-    shapes = abstract_params.to_pure_dict()
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    shapes = nnx.to_pure_dict(abstract_params)
     param_specs = jax.tree.map(
         lambda names: sharding.logical_to_spec(tuple(names), rules),
         logical,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
-    flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    for (path, leaf), spec in zip(flat_shapes, flat_specs, strict=True):
-        sharding.check_divisible(leaf.shape, spec, mesh, f"parameter {jax.tree_util.keystr(path)}")
-
+    param_axes = sharding.check_parameters(shapes, logical, rules, mesh)
+    batch_axes = sharding.check_batch(cfg.train.batch_size, cfg.train.micro_batches, rules, mesh)
+    sharding.warn_idle_axes(mesh, param_axes, batch_axes)
     batch_spec = sharding.logical_to_spec(("batch", None), rules)
-    sharding.check_divisible(
-        (cfg.train.batch_size // cfg.train.micro_batches,),
-        batch_spec,
-        mesh,
-        "train.batch_size / train.micro_batches (per micro-batch)",
-    )
 
     schedule = optim.schedule(cfg.optim, cfg.train.steps)
     optimizer = optim.make(cfg.optim, cfg.train.steps)
@@ -125,40 +119,49 @@ def init_state(setup: Setup) -> dict[str, Any]:
 def token_losses(graphdef, params, tokens_BT1, key=None) -> jax.Array:
     """Per-token cross-entropy [B, T] (nats, f32) of predicting tokens[:, 1:] from [:, :-1]."""
     gpt = nnx.merge(graphdef, params)
-    logits = gpt(tokens_BT1[:, :-1], key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT1[:, 1:])
+    h_BTD = gpt.hidden(tokens_BT1[:, :-1], key)
+    # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/loss.py)
+    return vocab_loss.token_losses(h_BTD, gpt.head(), tokens_BT1[:, 1:], gpt.cfg.loss_chunk)
+
+
+def loss_and_grads(graphdef, params, batch_BT1, micro_batches: int, key=None):
+    """Mean token loss and its gradient over the batch, accumulated over micro-batches.
+
+    Micro-batch m takes rows m, m+M, m+2M, ... so every device holds part of every one; the
+    micro-batches run in a `lax.scan` and the gradient is summed in f32.
+    """
+    B, T1 = batch_BT1.shape
+    micro_MBT1 = batch_BT1.reshape(B // micro_batches, micro_batches, T1).swapaxes(0, 1)
+
+    def loss_fn(params, tokens, key):
+        return token_losses(graphdef, params, tokens, key).mean()
+
+    def accumulate(carry, xs):
+        loss_sum, grad_sum = carry
+        index, tokens = xs
+        tokens = sharding.constrain(tokens, ("batch", None))
+        sub_key = None if key is None else jax.random.fold_in(key, index)
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, sub_key)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(
+        accumulate,
+        (jnp.zeros((), jnp.float32), zeros),
+        (jnp.arange(micro_batches), micro_MBT1),
+    )
+    return loss / micro_batches, jax.tree.map(lambda g: g / micro_batches, grads)
 
 
 def make_train_step(setup: Setup):
     """jit(state, batch [B, T+1]) -> (state, metrics); the state is donated."""
     cfg, graphdef = setup.cfg, setup.graphdef
-    micro = cfg.train.micro_batches
     use_dropout = cfg.model.dropout > 0
-
-    def loss_fn(params, tokens, key):
-        return token_losses(graphdef, params, tokens, key).mean()
 
     def step_fn(state, batch_BT1):
         params = state["params"]
         key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"]) if use_dropout else None
-        # Micro-batch m takes rows m, m+M, m+2M, ...: every device holds part of every one.
-        B, T1 = batch_BT1.shape
-        micro_MBT1 = batch_BT1.reshape(B // micro, micro, T1).swapaxes(0, 1)
-
-        def accumulate(carry, xs):
-            loss_sum, grad_sum = carry
-            index, tokens = xs
-            tokens = sharding.constrain(tokens, ("batch", None))
-            sub_key = None if key is None else jax.random.fold_in(key, index)
-            loss, grads = jax.value_and_grad(loss_fn)(params, tokens, sub_key)
-            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-            return (loss_sum + loss, grad_sum), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss, grads), _ = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(micro), micro_MBT1)
-        )
-        loss, grads = loss / micro, jax.tree.map(lambda g: g / micro, grads)
+        loss, grads = loss_and_grads(graphdef, params, batch_BT1, cfg.train.micro_batches, key)
         updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
         new_state = {
             "params": optax.apply_updates(params, updates),
@@ -167,7 +170,7 @@ def make_train_step(setup: Setup):
         }
         stats = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": setup.schedule(state["step"]),
         }
         return new_state, stats
@@ -183,6 +186,7 @@ def make_train_step(setup: Setup):
         with setup.activate():
             return jitted(state, batch)
 
+    run.jitted = jitted  # for ahead-of-time lowering (gptjax plan); lower under setup.activate()
     return run
 
 
@@ -206,15 +210,10 @@ def make_eval_step(setup: Setup, token_bytes: np.ndarray):
 
 
 def global_batch(setup: Setup, rows_fn, batch_size: int) -> jax.Array:
-    """Assemble the [batch_size, T+1] global batch; each device builds only its own rows."""
-    seq = setup.cfg.model.seq_len + 1
-
-    def shard(index):
-        rows = index[0]
-        start, stop = rows.start or 0, rows.stop if rows.stop is not None else batch_size
-        return rows_fn(start, stop)
-
-    return jax.make_array_from_callback((batch_size, seq), setup.batch_sharding, shard)
+    """Assemble the [batch_size, T+1] global batch; each process reads only its own rows once,
+    rows_fn(start, stop) -> int32 [stop - start, T+1] (see gptjax/data/loader.py)."""
+    shape = (batch_size, setup.cfg.model.seq_len + 1)
+    return data_loader.assemble(setup.batch_sharding, shape, rows_fn)
 
 
 def evaluate(setup: Setup, eval_step, params, data: Dataset, n_batches: int) -> dict[str, float]:
@@ -267,10 +266,12 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def load_data(cfg: Config, run_dir: Path) -> Dataset:
-    """The run's data; a resumed run keeps the tokenizer saved in its run_dir."""
+def load_data(cfg: Config, run_dir: Path, progress: bool = False) -> Dataset:
+    """The run's data (prepared first when not cached); a resumed run keeps the tokenizer saved
+    in its run_dir."""
     saved = run_dir / "tokenizer.model"
-    data = load_dataset(cfg.data, cfg.model.seq_len, saved if saved.is_file() else None)
+    tokenizer = saved if saved.is_file() else None
+    data = load_dataset(cfg.data, cfg.model.seq_len, tokenizer, cfg.model.vocab_size, progress)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size="
@@ -281,11 +282,18 @@ def load_data(cfg: Config, run_dir: Path) -> Dataset:
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in cfg.run_dir; returns the last train and eval metrics."""
-    setup = build(cfg)  # config/mesh errors first, before touching the disk
+    cfg = debug.apply(cfg)  # --debug: one device
+    distributed.initialize(cfg)  # several processes: join them (before any device is touched)
+    with debug.session(cfg):  # debug flags and the step watchdog
+        return _train(cfg, progress)
+
+
+def _train(cfg: Config, progress: bool) -> dict[str, Any]:
+    setup = build(cfg, debug.devices(cfg))  # config/mesh errors first, before touching the disk
     run_dir = prepare_run_dir(cfg)
     check_resume(run_dir, cfg)
     lead = jax.process_index() == 0
-    data = load_data(cfg, run_dir)
+    data = load_data(cfg, run_dir, progress=progress and lead)
     if lead:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         if not (run_dir / "tokenizer.model").is_file():
@@ -298,8 +306,9 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         start = 0
     else:
         state = ckpt.restore(setup.abstract_state, start)
-    train_step = make_train_step(setup)
-    eval_step = make_eval_step(setup, data.token_bytes)
+    monitor = debug.StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
+    train_step = monitor.wrap(make_train_step(setup))
+    eval_step = monitor.wrap(make_eval_step(setup, data.token_bytes), "eval")
 
     B, T = cfg.train.batch_size, cfg.model.seq_len
     flops_token = metrics.flops_per_token(cfg.model)
@@ -313,6 +322,9 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
     def batch_for(step):
         return global_batch(setup, lambda a, b: data.train_rows(cfg.seed, step, B, a, b), B)
+
+    # Steps step+1 .. step+prefetch are read and transferred while step `step` runs.
+    batches = data_loader.Prefetcher(batch_for, cfg.data.prefetch, stop=cfg.train.steps)
 
     last: dict[str, Any] = {}
     pending = None  # (step, stats) of the step dispatched before the current one
@@ -333,8 +345,20 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         last.update(record)
 
+    profile = cfg.train.profile_steps  # [first, last], numbered like metrics.jsonl steps
+    tracing = False
     for step in range(start, cfg.train.steps):
-        state, stats = train_step(state, batch_for(step))
+        monitor.begin(step)
+        if profile and step + 1 == profile[0]:
+            jax.profiler.start_trace(str(run_dir / "profile"))
+            tracing = True
+        state, stats = train_step(state, batches.get(step))
+        if step == start:  # the first call compiled synchronously: keep that out of tokens/s
+            window_start = time.perf_counter()
+        if tracing and step + 1 == profile[1]:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            tracing = False
         if pending is not None:  # read step n-1's numbers while step n runs
             report(*pending)
         pending = (step + 1, stats)
@@ -358,8 +382,13 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
             ckpt.save(done, state)
     if pending is not None:
         report(*pending)
+    if tracing:  # the run ended inside the profiled steps
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
     if bar is not None:
         bar.close()
+    batches.close()
+    monitor.close()
     ckpt.close()
     writer.close()
     last["final_step"] = max(start, cfg.train.steps)

@@ -12,7 +12,8 @@ from gptjax.data import load_dataset
 
 
 def test_overfits_a_fixed_batch(tmp_path, cache_dir):
-    cfg = tiny_config(tmp_path, cache_dir, "optim.lr=3e-3", "optim.warmup_steps=0")
+    overrides = ("optim.lr=3e-3", "optim.warmup_steps=0", "optim.schedule=constant")
+    cfg = tiny_config(tmp_path, cache_dir, *overrides)
     data = load_dataset(cfg.data, cfg.model.seq_len)
     batch = data.train_rows(cfg.seed, 0, cfg.train.batch_size, 0, cfg.train.batch_size)
     setup = train.build(cfg, jax.devices()[:1])

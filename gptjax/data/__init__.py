@@ -1,4 +1,5 @@
-"""Data: corpora, the SentencePiece tokenizer, packed sequences and step-indexed batches."""
+"""Data: documents (TFDS ArrayRecord), the SentencePiece tokenizer, packed windows on disk and
+step-indexed batches. Importing this package is light: TFDS and grain load when first used."""
 
 from gptjax.data.corpus import DataError
 from gptjax.data.pipeline import Dataset, load_dataset, prepare

@@ -1,16 +1,25 @@
-"""Text sources. A corpus is a list of documents (name, text), split into train and validation
-deterministically by the document's name, so the split never depends on the order of reading."""
+"""Local text sources, read lazily as documents (name, text).
+
+`stdlib` is the running Python's standard library (`.py` files outside the test suites);
+`text_dir:PATH` is every `.txt`, `.md` and `.jsonl` (string field `text`, one document per line)
+file under PATH, UTF-8. Documents go to train or validation by a hash of their name, so the split
+never depends on the order of reading.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TEST_DIRS = {"test", "tests", "idle_test"}
 TEXT_SUFFIXES = {".txt", ".md", ".jsonl"}
+
+Document = tuple[str, str]  # (name, text)
 
 
 class DataError(ValueError):
@@ -24,35 +33,45 @@ def stdlib_root() -> Path:
 def stdlib_files(include_tests: bool = False) -> list[Path]:
     """The running Python's standard-library `.py` files, sorted (site-packages excluded)."""
     root = stdlib_root()
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    if not include_tests:
+        skip |= TEST_DIRS
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if "site-packages" in parts or "dist-packages" in parts:
-            continue
-        if not include_tests and TEST_DIRS.intersection(parts[:-1]):
-            continue
-        files.append(path)
-    return files
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in skip]  # prune: never walk site-packages
+        files.extend(Path(directory, name) for name in names if name.endswith(".py"))
+    return sorted(files)
 
 
-def read_stdlib() -> list[tuple[str, str]]:
+def iter_stdlib() -> Iterator[Document]:
     """(relative path, text) of every UTF-8 standard-library file outside the test suites."""
     root = stdlib_root()
-    docs = []
     for path in stdlib_files():
         try:
-            docs.append((str(path.relative_to(root)), path.read_text(encoding="utf-8")))
+            yield str(path.relative_to(root)), path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue  # a handful of files are deliberately not UTF-8
-    return docs
 
 
-def _read_text_file(path: Path, root: Path) -> Iterator[tuple[str, str]]:
+def text_dir_files(root: str | Path) -> tuple[Path, list[Path]]:
+    """The directory and its text files, sorted; a missing or empty directory is a DataError."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data directory not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"not a directory: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"{root}: no .txt, .md or .jsonl files")
+    return root, files
+
+
+def _read_text_file(path: Path, root: Path) -> Iterator[Document]:
     name = str(path.relative_to(root))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 (byte {error.start})") from None
+        raise DataError(f"{path}: not UTF-8 (byte {error.start}); convert or remove it") from None
     if path.suffix != ".jsonl":
         yield name, text
         return
@@ -68,41 +87,67 @@ def _read_text_file(path: Path, root: Path) -> Iterator[tuple[str, str]]:
         yield f"{name}:{number}", record["text"]
 
 
-def read_text_dir(root: str | Path) -> list[tuple[str, str]]:
-    """Every .txt, .md and .jsonl (field `text`) file under `root`, UTF-8."""
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"data directory not found: {root}")
-    if not root.is_dir():
-        raise DataError(f"not a directory: {root}")
-    docs = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in TEXT_SUFFIXES:
-            docs.extend(_read_text_file(path, root))
-    if not docs:
-        raise DataError(f"{root}: no .txt, .md or .jsonl files with text")
-    return docs
+def iter_text_dir(root: str | Path) -> Iterator[Document]:
+    """Every document under `root` (see the module docstring), in sorted file order."""
+    root, files = text_dir_files(root)
+    for path in files:
+        yield from _read_text_file(path, root)
 
 
-def read_source(source: str) -> list[tuple[str, str]]:
+def local_documents(source: str) -> Callable[[], Iterator[Document]]:
+    """A function that iterates the documents of a local source afresh on every call."""
     if source == "stdlib":
-        return read_stdlib()
+        return iter_stdlib
     if source.startswith("text_dir:"):
-        return read_text_dir(source.removeprefix("text_dir:"))
-    raise DataError(f"data.source={source!r} is not supported yet")
+        root = source.removeprefix("text_dir:")
+        text_dir_files(root)  # fail now, not halfway through preparing
+        return lambda: iter_text_dir(root)
+    raise DataError(f"data.source={source!r} is not a local source")
+
+
+def fingerprint(source: str) -> str:
+    """Names, sizes and modification times of a local source's files: changes with content."""
+    if source == "stdlib":
+        root, files = stdlib_root(), stdlib_files()
+    else:
+        root, files = text_dir_files(source.removeprefix("text_dir:"))
+        root = root.resolve()
+    digest = hashlib.sha256(str(root).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def is_validation(name: str, val_fraction: float) -> bool:
     return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
 
 
-def split(
-    docs: list[tuple[str, str]], val_fraction: float
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    train = [doc for doc in docs if not is_validation(doc[0], val_fraction)]
-    val = [doc for doc in docs if is_validation(doc[0], val_fraction)]
-    if not val:  # tiny corpora: hold out the last document
-        train, val = train[:-1], train[-1:]
-    if not train:
-        raise DataError("the corpus is too small to split into train and validation")
-    return train, val
+def split_documents(
+    documents: Iterator[Document], val_fraction: float, want_validation: bool
+) -> Iterator[Document]:
+    """One side of the train/validation split of `documents` (non-empty texts only), streaming.
+
+    Validation documents are those whose name hashes under `val_fraction`; when none does (tiny
+    corpora) the last document is held out instead. Train is one document behind so it can give
+    that document up.
+    """
+    held: Document | None = None
+    any_validation = False
+    for name, text in documents:
+        if not text:
+            continue
+        if is_validation(name, val_fraction):
+            any_validation = True
+            if want_validation:
+                yield name, text
+            continue
+        if not want_validation and held is not None:
+            yield held
+        held = (name, text)
+    if held is None:
+        return
+    if want_validation and not any_validation:
+        yield held
+    if not want_validation and any_validation:
+        yield held

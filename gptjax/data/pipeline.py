@@ -1,9 +1,19 @@
 """Prepared token data and step-indexed batches.
 
-`prepare` tokenises a corpus once and caches the token streams (written under a temporary name,
-renamed when complete). `Dataset` packs them into windows of seq_len + 1 tokens; the rows of the
-global batch of step s are a pure function of (seed, s): row r is window perm_e[(s·B + r) mod N]
-of epoch e = (s·B + r) div N, with perm_e a seeded permutation.
+`prepare` turns a source into packed windows once, in three cached stages (each written under a
+temporary name and renamed when complete, so nothing half-written is ever reused):
+
+    cache/documents/KEY/   local sources as a TFDS ArrayRecord dataset     (documents.py)
+    cache/tokenizers/KEY.model   SentencePiece BPE trained on a capped sample of train documents
+    cache/packed/KEY/      tokenizer.model, train.array_record, val.array_record, meta.json
+
+The packed key covers the documents (source content), the tokenizer bytes and seq_len.
+
+`Dataset.train_rows(seed, s, B, start, stop)` are rows [start, stop) of the global batch of step
+s: global position p = s·B + r is window shuffle_e(p mod N) of epoch e = p div N, where
+shuffle_e is grain's index_shuffle (a seeded bijection of [0, N), O(1) memory) with a seed
+derived from (seed, e). So a batch is a pure function of (seed, s): any mesh, any host count,
+resume at any step. Validation batches are the held-out windows in order.
 """
 
 from __future__ import annotations
@@ -12,19 +22,24 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from gptjax.config import DataConfig
-from gptjax.data import corpus
+from gptjax.data import documents as docs_module
 from gptjax.data import tokenizer as tok
 from gptjax.data.corpus import DataError
+from gptjax.data.packed import PackedWindows, WindowWriter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHUNK_DOCUMENTS = 1024  # documents tokenised per call (SentencePiece spreads them over threads)
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -33,139 +48,245 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("GPTJAX_CACHE", "~/.cache/gptjax")).expanduser()
 
 
-def _source_fingerprint(source: str) -> str:
-    """Names, sizes and modification times of the source files (cheap; changes with content)."""
-    if source == "stdlib":
-        root, files = corpus.stdlib_root(), corpus.stdlib_files()
-    elif source.startswith("text_dir:"):
-        root = Path(source.removeprefix("text_dir:")).expanduser()
-        if not root.is_dir():
-            raise DataError(f"data directory not found: {root}")
-        files = sorted(p for p in root.rglob("*") if p.suffix in corpus.TEXT_SUFFIXES)
-    else:
-        raise DataError(f"data.source={source!r} is not supported yet")
-    digest = hashlib.sha256(str(root).encode())
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def cache_key(cfg: DataConfig, tokenizer_bytes: bytes | None) -> str:
-    parts = {
-        "format": FORMAT_VERSION,
-        "source": cfg.source,
-        "files": _source_fingerprint(cfg.source),
-        "val_fraction": cfg.val_fraction,
-        "tokenizer": hashlib.sha256(tokenizer_bytes).hexdigest() if tokenizer_bytes else None,
-        "vocab_size": None if tokenizer_bytes else cfg.vocab_size,
-        "sample_bytes": None if tokenizer_bytes else cfg.tokenizer_sample_bytes,
-        "trainer": None if tokenizer_bytes else repr(sorted(tok.TRAINER_SETTINGS.items())),
-    }
+def _digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _stream(tokenizer: tok.Tokenizer, docs: list[tuple[str, str]]) -> np.ndarray:
-    """All documents' tokens, each followed by the end-of-document token, as one int32 array."""
-    ids = tokenizer.encode_batch([text for _, text in docs])
-    out = np.empty(sum(len(d) + 1 for d in ids), np.int32)
-    at = 0
-    for d in ids:
-        out[at : at + len(d)] = d
-        out[at + len(d)] = tok.EOD_ID
-        at += len(d) + 1
-    return out
+def _sample_texts(split: docs_module.Split, block: int = 256) -> Iterator[str]:
+    """Train documents in blocks of `block` records taken in a seeded random order."""
+    n_blocks = -(-len(split) // block)
+    for b in np.random.default_rng(0).permutation(n_blocks):
+        yield from split.texts(np.arange(b * block, min((b + 1) * block, len(split))))
 
 
-def prepare(cfg: DataConfig, tokenizer_path: str | Path | None = None) -> Path:
-    """Tokenise the corpus into the cache (reusing it when present); returns its directory."""
-    tokenizer_path = tokenizer_path or cfg.tokenizer
-    given = None
+def _trained_tokenizer(
+    cfg: DataConfig, documents: docs_module.Documents, root: Path, progress: bool = False
+) -> bytes:
+    """Train the tokenizer on a capped sample of the train documents, or reuse the cached one."""
+    key = _digest(
+        {
+            "documents": documents.key,
+            "vocab_size": cfg.vocab_size,
+            "sample_bytes": cfg.tokenizer_sample_bytes,
+            "trainer": repr(sorted(tok.TRAINER_SETTINGS.items())),
+        }
+    )
+    path = root / "tokenizers" / f"{key}.model"
+    if path.is_file():
+        return path.read_bytes()
+    train_documents = documents.train  # written to the cache first, when local
+    if progress:
+        print(
+            f"gptjax: training a {cfg.vocab_size}-piece tokenizer on up to "
+            f"{cfg.tokenizer_sample_bytes / 1e6:g} MB of {documents.description}",
+            file=sys.stderr,
+        )
+    model = tok.train(_sample_texts(train_documents), cfg.vocab_size, cfg.tokenizer_sample_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+    scratch.write_bytes(model)
+    os.replace(scratch, path)
+    return model
+
+
+def _read_ahead(chunks: Iterator, depth: int = 2) -> Iterator:
+    """Iterate `chunks` in a background thread, `depth` items ahead (reading overlaps encoding)."""
+    items: queue.Queue = queue.Queue(depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                return items.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def worker():
+        try:
+            for item in chunks:
+                if stop.is_set():
+                    return
+                put(item)
+        except BaseException as error:  # handed to the consumer, raised there
+            put(error)
+        put(done)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _pack_split(split, limit, tokenizer, path: Path, window: int, bar) -> dict:
+    writer = WindowWriter(path, window, tokenizer.eod_id)
+    n_docs = n_bytes = 0
+    try:
+        for texts in _read_ahead(split.chunks(CHUNK_DOCUMENTS, limit)):
+            writer.add(tokenizer.encode_batch(texts))
+            size = sum(len(t.encode()) for t in texts)
+            n_docs, n_bytes = n_docs + len(texts), n_bytes + size
+            if bar is not None:
+                bar.update(size)
+    finally:
+        writer.close()
+    return {
+        "documents": n_docs,
+        "bytes": n_bytes,
+        "tokens": writer.tokens,
+        "windows": writer.windows,
+    }
+
+
+def _tokenizer_for(cfg: DataConfig, tokenizer_path, max_vocab, documents, root, progress):
     if tokenizer_path is not None:
-        if not Path(tokenizer_path).is_file():
-            raise DataError(f"tokenizer not found: {tokenizer_path}")
-        given = Path(tokenizer_path).read_bytes()
-    target = cache_root(cfg) / cache_key(cfg, given)
+        tokenizer = tok.Tokenizer.load(tokenizer_path)
+        where = str(tokenizer_path)
+    else:
+        if max_vocab is not None and cfg.vocab_size > max_vocab:
+            raise DataError(
+                f"data.vocab_size={cfg.vocab_size} does not fit model.vocab_size={max_vocab}; "
+                "lower data.vocab_size or raise model.vocab_size"
+            )
+        tokenizer = tok.Tokenizer(_trained_tokenizer(cfg, documents, root, progress))
+        where = "the trained tokenizer"
+    if max_vocab is not None and tokenizer.vocab_size > max_vocab:
+        raise DataError(
+            f"{where} has {tokenizer.vocab_size} pieces but model.vocab_size={max_vocab}; "
+            f"raise model.vocab_size to at least {tokenizer.vocab_size}"
+        )
+    tokenizer.eod_id  # noqa: B018 - fails now if the model has no end-of-document piece
+    return tokenizer
+
+
+def prepare(
+    cfg: DataConfig,
+    seq_len: int,
+    tokenizer_path: str | Path | None = None,
+    max_vocab: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Packed windows of seq_len + 1 tokens for `cfg.source` (reused when cached); returns the
+    directory. `tokenizer_path` (else cfg.tokenizer) uses that model instead of training one;
+    `max_vocab` (model.vocab_size) rejects a tokenizer with more pieces."""
+    root = cache_root(cfg)
+    documents = docs_module.open_documents(
+        cfg.source, cfg.val_fraction, root, cfg.tfds_data_dir, progress
+    )
+    given = tokenizer_path or cfg.tokenizer
+    tokenizer = _tokenizer_for(cfg, given, max_vocab, documents, root, progress)
+    key = {
+        "format": FORMAT_VERSION,
+        "documents": documents.key,
+        "tokenizer": hashlib.sha256(tokenizer.model_bytes).hexdigest(),
+        "seq_len": seq_len,
+        "val_max_documents": cfg.val_max_documents,
+    }
+    target = root / "packed" / _digest(key)
     if (target / "meta.json").is_file():
         return target
-    train_docs, val_docs = corpus.split(corpus.read_source(cfg.source), cfg.val_fraction)
-    if given is None:
-        model = tok.train((t for _, t in train_docs), cfg.vocab_size, cfg.tokenizer_sample_bytes)
-    else:
-        model = given
-    tokenizer = tok.Tokenizer(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="tokenize", unit="B", unit_scale=True, dynamic_ncols=True, leave=False)
+
+    def build(scratch: Path) -> None:
+        started = time.perf_counter()
         tokenizer.save(scratch / "tokenizer.model")
-        train = _stream(tokenizer, train_docs)
-        val = _stream(tokenizer, val_docs)
-        np.save(scratch / "train.npy", train)
-        np.save(scratch / "val.npy", val)
+        window = seq_len + 1
+        train_path, val_path = scratch / "train.array_record", scratch / "val.array_record"
+        train = _pack_split(documents.train, None, tokenizer, train_path, window, bar)
+        val = _pack_split(documents.val, cfg.val_max_documents, tokenizer, val_path, window, bar)
+        for name, split in (("train", train), ("validation", val)):
+            if split["windows"] == 0:
+                raise DataError(
+                    f"{documents.description}: the {name} split holds {split['tokens']} tokens, "
+                    f"fewer than model.seq_len+1={window}; add text or lower model.seq_len"
+                )
+        seconds = time.perf_counter() - started
         meta = {
+            "format": FORMAT_VERSION,
             "source": cfg.source,
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-            "train_tokens": int(train.size),
-            "val_tokens": int(val.size),
+            "description": documents.description,
+            "seq_len": seq_len,
             "vocab_size": tokenizer.vocab_size,
+            "train": train,
+            "validation": val,
+            "seconds": round(seconds, 3),
+            "bytes_per_s": round((train["bytes"] + val["bytes"]) / seconds),
+            "tokens_per_s": round((train["tokens"] + val["tokens"]) / seconds),
         }
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            scratch.rename(target)
-        except OSError:  # another process finished first: keep theirs
-            if not (target / "meta.json").is_file():
-                raise
+
+    try:
+        return docs_module.atomic_dir(target, build)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+        if bar is not None:
+            bar.close()
 
 
-def pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    """Non-overlapping windows [N, seq_len + 1] (inputs are [:, :-1], targets [:, 1:])."""
-    n = stream.size // (seq_len + 1)
-    return stream[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+@functools.lru_cache(maxsize=64)
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
 
 
-@dataclass(eq=False)  # hashed by identity (the epoch-order cache)
+@dataclass(eq=False)
 class Dataset:
     tokenizer: tok.Tokenizer
-    train: np.ndarray  # [N, seq_len + 1] int32
-    val: np.ndarray  # [M, seq_len + 1] int32
+    train: PackedWindows  # N windows of seq_len + 1 int32 tokens
+    val: PackedWindows  # M held-out windows
     token_bytes: np.ndarray  # [vocab] UTF-8 bytes per token
     directory: Path
+    meta: dict = field(default_factory=dict)
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 - a Dataset lives for the whole run
-    def _order(self, seed: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([seed, epoch])
-        return rng.permutation(len(self.train))
+    def train_indices(self, seed: int, step: int, batch_size: int, start: int, stop: int):
+        """Window ids of rows [start, stop) of the global batch of `step`: int64 [stop - start]."""
+        from grain.experimental import index_shuffle  # lazy: grain takes ~2 s to import
+
+        n = len(self.train)
+        position = step * batch_size + np.arange(start, stop, dtype=np.int64)
+        epochs, offsets = np.divmod(position, n)
+        if n == 1:
+            return offsets
+        return np.array(
+            [
+                index_shuffle(int(o), max_index=n - 1, seed=_epoch_seed(seed, int(e)), rounds=4)
+                for e, o in zip(epochs, offsets, strict=True)
+            ],
+            np.int64,
+        )
 
     def train_rows(self, seed: int, step: int, batch_size: int, start: int, stop: int):
         """Rows [start, stop) of the global batch of `step`: int32 [stop - start, seq_len + 1]."""
-        n = len(self.train)
-        index = step * batch_size + np.arange(start, stop, dtype=np.int64)
-        out = np.empty((stop - start, self.train.shape[1]), np.int32)
-        for epoch in np.unique(index // n):
-            here = index // n == epoch
-            out[here] = self.train[self._order(seed, int(epoch))[index[here] % n]]
-        return out
+        return self.train.read(self.train_indices(seed, step, batch_size, start, stop))
 
     def val_rows(self, eval_step: int, batch_size: int, start: int, stop: int) -> np.ndarray:
         """Rows of the fixed validation batch `eval_step` (the held-out windows, in order)."""
         index = eval_step * batch_size + np.arange(start, stop)
-        return self.val[index % len(self.val)]
+        return self.val.read(index % len(self.val))
 
     def bytes_of(self, targets: np.ndarray) -> int:
         return int(self.token_bytes[targets].sum())
 
 
-def load_dataset(cfg: DataConfig, seq_len: int, tokenizer_path: str | Path | None = None):
-    directory = prepare(cfg, tokenizer_path)
+def load_dataset(
+    cfg: DataConfig,
+    seq_len: int,
+    tokenizer_path: str | Path | None = None,
+    max_vocab: int | None = None,
+    progress: bool = False,
+) -> Dataset:
+    """Prepare (or reuse) the packed windows and open them for random access."""
+    directory = prepare(cfg, seq_len, tokenizer_path, max_vocab, progress)
     tokenizer = tok.Tokenizer.load(directory / "tokenizer.model")
-    train = pack(np.load(directory / "train.npy"), seq_len)
-    val = pack(np.load(directory / "val.npy"), seq_len)
-    if len(train) == 0 or len(val) == 0:
-        raise DataError(
-            f"the corpus holds fewer than seq_len+1={seq_len + 1} tokens in train or validation"
-        )
-    return Dataset(tokenizer, train, val, tokenizer.token_bytes(), directory)
+    window = seq_len + 1
+    train = PackedWindows(directory / "train.array_record", window)
+    val = PackedWindows(directory / "val.array_record", window)
+    meta = json.loads((directory / "meta.json").read_text())
+    return Dataset(tokenizer, train, val, tokenizer.token_bytes(), directory, meta)

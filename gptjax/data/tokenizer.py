@@ -1,5 +1,6 @@
 """SentencePiece BPE that round-trips text exactly (code included): no normalisation, whitespace
-kept, digits split, unknown characters as UTF-8 bytes. Id 1 is the end-of-document token."""
+kept, digits split, unknown characters as UTF-8 bytes. Id 1 is the end-of-document token of the
+tokenizers trained here; a given model uses its own `eos` id."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from gptjax.data.corpus import DataError
 
 EOD_ID = 1
 TRAINER_SETTINGS = dict(
@@ -46,14 +49,20 @@ def _lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
 def train(texts: Iterable[str], vocab_size: int, max_bytes: int = 20_000_000) -> bytes:
     """Train a BPE model on (a capped sample of) `texts`; returns the serialised model."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts, max_bytes),
-        model_writer=model,
-        vocab_size=vocab_size,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-        **TRAINER_SETTINGS,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts, max_bytes),
+            model_writer=model,
+            vocab_size=vocab_size,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+            **TRAINER_SETTINGS,
+        )
+    except RuntimeError as error:  # e.g. "Vocabulary size too high (8192). Please set it to..."
+        reason = str(error).strip().splitlines()[-1].split("] ")[-1]
+        raise DataError(
+            f"training a {vocab_size}-piece tokenizer failed: {reason} (data.vocab_size)"
+        ) from None
     return model.getvalue()
 
 
@@ -64,7 +73,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        return cls(Path(path).read_bytes())
+        """Read a SentencePiece model file; a missing or invalid file is a DataError."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer not found: {path}")
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError:
+            raise DataError(f"{path}: not a SentencePiece model") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.model_bytes)
@@ -72,6 +88,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    @property
+    def eod_id(self) -> int:
+        """The end-of-document token (SentencePiece's `eos`)."""
+        eos = self.sp.eos_id()
+        if eos < 0:
+            raise DataError("the tokenizer has no end-of-document (eos) piece")
+        return eos
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

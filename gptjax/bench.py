@@ -1,0 +1,164 @@
+"""`gptjax bench`: steady-state training throughput, MFU and memory, as one JSON object.
+
+Measured the way REFERENCE.md says: the jitted training step (forward, backward, optimiser
+update) is compiled ahead of time (the compile is timed on its own), run `warmup` times, then
+timed over `steps` steps, each blocking on its result; the median step time gives tokens/s.
+Batches are built before the clock starts, so the host data path is not part of the number.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from gptjax import metrics, model, train
+from gptjax.config import Config
+
+FLOPS_FORMULA = "6N+12LHQT (PaLM B)"
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+
+
+def synthetic_rows(cfg: Config, step: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a uniform-random global batch [batch, seq + 1] (int32) for `step`."""
+    rng = np.random.default_rng((cfg.seed, step))
+    shape = (cfg.train.batch_size, cfg.model.seq_len + 1)
+    return rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32)[start:stop]
+
+
+def make_batches(setup: train.Setup, n: int, data: str) -> list[jax.Array]:
+    """`n` distinct global batches [batch, seq + 1], synthetic or from the config's corpus."""
+    cfg, B = setup.cfg, setup.cfg.train.batch_size
+    if data == "synthetic":
+        rows = lambda step: lambda a, b: synthetic_rows(cfg, step, a, b)
+    else:
+        from pathlib import Path
+
+        dataset = train.load_data(cfg, Path(cfg.run_dir))
+        rows = lambda step: lambda a, b: dataset.train_rows(cfg.seed, step, B, a, b)
+    return [train.global_batch(setup, rows(step), B) for step in range(n)]
+
+
+def memory_report(devices: list[jax.Device]) -> dict[str, Any]:
+    """Peak memory per device in bytes, saying where the number comes from.
+
+    GPUs and TPUs report `peak_bytes_in_use` (the process's peak so far) through
+    `device.memory_stats()`; the CPU backend reports nothing, so there the per-device figure is
+    null and the process's peak resident set size (all CPU "devices" share it) is given instead.
+    """
+    stats = devices[0].memory_stats()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if sys.platform == "darwin":
+        rss //= 1024  # macOS reports bytes
+    if stats and "peak_bytes_in_use" in stats:
+        peak = max(int(d.memory_stats().get("peak_bytes_in_use", 0)) for d in devices)
+        return {
+            "peak_memory_bytes_per_device": peak,
+            "peak_memory_source": "device.memory_stats() peak_bytes_in_use (max over devices)",
+            "host_peak_rss_bytes": rss,
+        }
+    return {
+        "peak_memory_bytes_per_device": None,
+        "peak_memory_source": f"unavailable on {devices[0].platform}; see host_peak_rss_bytes",
+        "host_peak_rss_bytes": rss,
+    }
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return any(marker in str(error) for marker in OOM_MARKERS)
+
+
+def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic") -> dict[str, Any]:
+    """Compile, warm up and time the training step of `cfg`; returns the JSON-ready report.
+
+    Units: seconds, tokens/s, FLOP/s, bytes. `mfu` = tokens/s × FLOPs/token / peak FLOP/s of
+    all devices, FLOPs/token by `FLOPS_FORMULA` (metrics.flops_per_token).
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError("bench needs steps >= 1 and warmup >= 0")
+    setup = train.build(cfg)
+    devices = list(setup.mesh.devices.flat)
+    B, T = cfg.train.batch_size, cfg.model.seq_len
+    batches = make_batches(setup, min(steps + warmup, 4), data)
+    report: dict[str, Any] = {
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "device_count": len(devices),
+        "mesh": dict(setup.mesh.shape),
+        "batch_size": B,
+        "seq_len": T,
+        "tokens_per_step": B * T,
+        "dtype": cfg.model.dtype,
+        "remat": cfg.model.remat,
+        "attention": model.attention_impl(cfg.model.attention, cfg.model.dtype),
+        "loss_chunk": getattr(cfg.model, "loss_chunk", 0),
+        "data": data,
+    }
+    try:
+        state = train.init_state(setup)
+        step_fn = train.make_train_step(setup)
+        start = time.perf_counter()
+        with setup.activate():
+            compiled = step_fn.jitted.lower(state, batches[0]).compile()
+        compile_s = time.perf_counter() - start
+        state, stats = compiled(state, batches[0])
+        jax.block_until_ready((state, stats))
+        first_step_s = time.perf_counter() - start
+        for k in range(warmup):
+            state, stats = compiled(state, batches[(k + 1) % len(batches)])
+        jax.block_until_ready((state, stats))
+        times = []
+        for k in range(steps):
+            begin = time.perf_counter()
+            state, stats = compiled(state, batches[(k + warmup + 1) % len(batches)])
+            jax.block_until_ready((state, stats))
+            times.append(time.perf_counter() - begin)
+    except Exception as error:  # noqa: BLE001 - only out-of-memory is reported, not raised
+        if not is_out_of_memory(error):
+            raise
+        return {**report, "error": "out_of_memory", "message": str(error).splitlines()[0]}
+
+    step_s = statistics.median(times)
+    tokens_per_s = B * T / step_s
+    flops_token = metrics.flops_per_token(cfg.model)
+    peak, peak_source = metrics.peak_flops(devices)
+    memory = compiled.memory_analysis()
+    estimate = None
+    if memory is not None:
+        estimate = (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes
+        )
+    counts = metrics.param_counts(cfg.model)
+    report.update(
+        {
+            "params": counts["params"],
+            "steps": steps,
+            "warmup": warmup,
+            "compile_s": compile_s,
+            "time_to_first_step_s": first_step_s,
+            "step_time_median_s": step_s,
+            "step_time_min_s": min(times),
+            "step_time_max_s": max(times),
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / len(devices),
+            "flops_per_token": flops_token,
+            "flops_formula": FLOPS_FORMULA,
+            "model_flops_per_s": tokens_per_s * flops_token,
+            "peak_flops": peak,
+            "peak_flops_per_device": peak / len(devices),
+            "peak_flops_source": peak_source,
+            "mfu": tokens_per_s * flops_token / peak,
+            **memory_report(devices),
+            "xla_memory_estimate_bytes_per_device": estimate,
+            "loss": float(stats["loss"]),
+        }
+    )
+    return report

@@ -1,0 +1,60 @@
+"""Stop cleanly on SIGTERM / SIGINT: finish the step, checkpoint, exit 0.
+
+The first signal only sets a flag; the loop checks it between steps. With several processes they
+agree on the step to stop at (an all-gather of the flags at fixed steps), so none is left waiting
+in a collective. A second signal aborts at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import jax
+import numpy as np
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class PreemptionGuard:
+    """Context manager; `should_stop(step)` is True once any process got a stop signal."""
+
+    def __init__(self, sync_every: int = 1):
+        self.requested: int | None = None  # the signal number received, if any
+        self.sync_every = max(sync_every, 1)
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            print(f"gptjax: second {signal.Signals(signum).name}: aborting now", file=sys.stderr)
+            os._exit(128 + signum)
+        self.requested = signum
+        print(
+            f"gptjax: {signal.Signals(signum).name} received: finishing the step and saving a "
+            "checkpoint (send it again to abort)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self) -> PreemptionGuard:
+        try:
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop after `step`. Every process must call this at every step."""
+        if jax.process_count() == 1:
+            return self.requested is not None
+        if step % self.sync_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+        return bool(np.any(flags))

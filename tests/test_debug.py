@@ -1,0 +1,177 @@
+"""gptjax/debug.py: `--debug` runs any config on one device, finds the op and step of a NaN,
+times each step, and `debug.no_jit` runs the model eagerly (for pdb)."""
+
+import contextlib
+import io
+import json
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from conftest import tiny_config
+from flax import nnx
+
+from gptjax import cli, debug, metrics, model, train
+from gptjax.config import ConfigError
+from gptjax.data import pipeline
+
+DEBUG = ["debug.enabled=true", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0"]
+
+
+def losses(run_dir) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def run_captured(cfg) -> tuple[dict, str]:
+    """train.train(cfg) with its stderr and JAX's log records captured as one text."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(stream):
+            result = train.train(cfg, progress=False)
+    except Exception as error:
+        error.output = stream.getvalue()
+        raise
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    return result, stream.getvalue()
+
+
+MARK = 7  # token id that fills row 0 of the poisoned step's batch
+
+
+def poison(monkeypatch, step: int) -> None:
+    """Row 0 of `step`'s batch (1-based) is all MARK; the model adds log(-1) to marked rows."""
+    rows, hidden = pipeline.Dataset.train_rows, model.GPT.hidden
+
+    def marked_rows(self, seed, index, batch_size, start, stop):
+        out = rows(self, seed, index, batch_size, start, stop)
+        if index == step - 1 and start == 0:
+            out = out.copy()
+            out[0] = MARK
+        return out
+
+    def poisoned(self, tokens, key=None):
+        marked = jnp.all(tokens == MARK, axis=1)
+        return hidden(self, tokens, key) + jnp.log(jnp.where(marked, -1.0, 1.0))[:, None, None]
+
+    monkeypatch.setattr(pipeline.Dataset, "train_rows", marked_rows)
+    monkeypatch.setattr(model.GPT, "hidden", poisoned)
+
+
+NAN_STEP = 4
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory, cache_dir):
+    """A config whose mesh needs 16 devices (this process has 8), run with --debug; step 4
+    produces a NaN."""
+    run_dir = tmp_path_factory.mktemp("debug")
+    cfg = tiny_config(run_dir, cache_dir, *DEBUG, "mesh.fsdp=16", "train.steps=6")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        poison(monkeypatch, NAN_STEP)
+        with pytest.raises(debug.NonFiniteError) as caught:
+            run_captured(cfg)
+    return cfg, run_dir, caught.value, caught.value.output
+
+
+def test_any_config_runs_on_one_device(nan_run):
+    cfg, run_dir, _, output = nan_run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["mesh"]["data"], saved["mesh"]["fsdp"], saved["mesh"]["tensor"]) == (1, 1, 1)
+    assert f"debug: one device ({jax.local_devices()[0]})" in output
+    assert losses(run_dir) and all(np.isfinite(losses(run_dir)))
+    # The flags are scoped to the run: nothing leaks into the rest of this process.
+    assert not jax.config.jax_debug_nans and not jax.config.jax_log_compiles
+
+
+def test_nan_is_traced_to_its_op_and_step(nan_run):
+    _, run_dir, error, _ = nan_run
+    message = str(error)
+    assert message.startswith(f"step {NAN_STEP}: invalid value (nan) encountered in log")
+    assert "tests/test_debug.py:" in message and "(poisoned)" in message  # the line that made it
+    assert len(losses(run_dir)) < NAN_STEP  # it stopped there
+
+
+def test_parameter_table_lists_every_parameter(nan_run):
+    cfg, _, _, output = nan_run
+    total = metrics.param_counts(cfg.model)["params"]
+    assert f"{total:,} (" in output.split("\ntotal")[1].splitlines()[0]
+    _, abstract = model.abstract(cfg.model)
+    shapes = {
+        jax.tree_util.keystr(path, simple=True, separator="."): leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))
+    }
+    rows = {line.split()[0]: line for line in output.splitlines() if line.split()}
+    for name, shape in shapes.items():
+        assert name in rows and str(tuple(shape)) in rows[name] and "float32" in rows[name]
+    assert "P(" in rows["wte"]  # the sharding spec column
+
+
+def test_compilations_and_step_times_are_reported(nan_run):
+    _, _, _, output = nan_run
+    assert "Compiling jit(step_fn)" in output
+    for step in range(1, NAN_STEP):
+        assert f"debug: step {step}: data " in output
+    assert "(includes compilation)" in output.split("debug: step 1:")[1].splitlines()[0]
+    timing = output.split("debug: step 2:")[1].splitlines()[0]
+    data_ms, device_ms, host_ms = (float(x) for x in re.findall(r"([\d.]+) ms", timing))
+    assert device_ms > 0 and data_ms >= 0 and host_ms >= 0
+
+
+def concrete(x) -> bool:
+    """A value, not a jit placeholder: plain arrays, or autodiff tracers around one."""
+    while isinstance(x, jax.core.Tracer) and hasattr(x, "primal"):
+        x = x.primal
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def test_no_jit_runs_eagerly_and_stops_at_the_op(nan_run, tmp_path, cache_dir, monkeypatch):
+    """debug.no_jit: the model sees concrete values (pdb-able), the forward pass matches the
+    jitted one, and a NaN stops the run right at the op."""
+    _, jit_dir, _, _ = nan_run
+    poison(monkeypatch, 3)
+    seen, hidden = [], model.GPT.hidden
+
+    def spying(self, tokens, key=None):
+        out = hidden(self, tokens, key)
+        seen.append(concrete(out))
+        return out
+
+    monkeypatch.setattr(model.GPT, "hidden", spying)
+    cfg = tiny_config(tmp_path, cache_dir, *DEBUG, "debug.no_jit=true", "train.steps=6")
+    with pytest.raises(debug.NonFiniteError, match=r"^step 3: invalid value \(nan\) encountered"):
+        run_captured(cfg)
+    assert seen and all(seen)
+    assert losses(tmp_path)[0] == pytest.approx(losses(jit_dir)[0], rel=1e-5)  # step 1
+
+
+def test_finiteness_check_names_the_step():
+    cfg = tiny_config("unused", "unused", "debug.enabled=true")
+    monitor = debug.StepMonitor(cfg)
+    step = monitor.wrap(lambda state, batch: (state, {"loss": jnp.float32(np.inf)}))
+    monitor.begin(0)
+    with pytest.raises(debug.NonFiniteError, match=r"step 1: non-finite \{'loss': inf\}"):
+        step(jnp.zeros(()), jnp.zeros(()))
+
+
+def test_debug_refuses_several_processes(monkeypatch):
+    monkeypatch.setenv("GPTJAX_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.setenv("GPTJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("GPTJAX_PROCESS_ID", "0")
+    with pytest.raises(ConfigError, match="one process on one device"):
+        debug.apply(tiny_config("unused", "unused", "debug.enabled=true"))
+
+
+def test_cli_debug_flag_turns_debug_on(monkeypatch, capsys):
+    got = []
+    monkeypatch.setattr(train, "train", lambda cfg, progress: got.append(cfg) or {"ok": 1})
+    assert cli.main(["train", "configs/debug.yaml", "--debug", "debug.no_jit=true"]) == 0
+    assert got[0].debug.enabled and got[0].debug.no_jit
+    assert json.loads(capsys.readouterr().out) == {"ok": 1}
