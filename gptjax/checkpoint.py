@@ -27,8 +27,13 @@ class CheckpointError(ValueError):
 
 
 def _first_line(error: BaseException) -> str:
+    """The first line of the innermost cause: Orbax wraps TensorStore's error (which names the
+    file, e.g. 'Error reading "params.wte/1.0" in OCDBT database at ...: ... size 1000') in a
+    message that is a page of JSON."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0][:500] if text else type(error).__name__
 
 
 class Checkpointer:
@@ -38,14 +43,19 @@ class Checkpointer:
         keep: int = 3,
         async_save: bool = True,
         keep_period: int | None = None,
+        read_only: bool = False,
     ):
+        """`read_only`: for readers (sample, eval, export) of a run that may be training right
+        now: they must not delete its in-flight save (Orbax's tmp directory) nor create dirs."""
         self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.read_only = read_only
+        # (Not Orbax's own read_only option: it logs three warnings each time.)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            keep_period=keep_period or None,
-            create=True,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # leftovers of a save killed mid-way
+            max_to_keep=None if read_only else keep,
+            keep_period=None if read_only else keep_period or None,
+            create=not read_only,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of a save killed mid-way
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -64,6 +74,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, config: dict | None = None) -> None:
         """Start saving `state` as `step`; returns once the device-to-host copy is done."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only")
         items = {"state": ocp.args.StandardSave(state)}
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
@@ -93,12 +105,37 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
+        broken = []
         for step in reversed(steps):
             try:
-                return step, self.restore(abstract_state, step)
+                state = self.restore(abstract_state, step)
             except CheckpointError as error:
                 log.warning("skipping checkpoint: %s", error)
+                broken.append(step)
+                continue
+            if broken and not self.read_only:
+                self._set_aside(broken)
+            return step, state
         raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} restores")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable steps to STEP.unreadable (kept for inspection, no longer listed),
+        so the resumed run can save those steps again."""
+        if jax.process_index() == 0:
+            for step in steps:
+                source = self.directory / str(step)
+                target = self.directory / f"{step}.unreadable"
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = self.directory / f"{step}.unreadable{n}"
+                source.rename(target)
+                log.warning("moved the unreadable checkpoint %s to %s", source, target.name)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("gptjax: unreadable checkpoints set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -124,6 +161,10 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose a new --out directory")
+    if step is None and (run_dir / "config.yaml").is_file():  # record which step "newest" was
+        reader = Checkpointer(run_dir, async_save=False, read_only=True)
+        step = reader.latest_step()
+        reader.close()
     setup, params, _ = generate.load_run(run_dir, step)
     out.mkdir(parents=True, exist_ok=True)
     scratch = out / ".params.npz.tmp"

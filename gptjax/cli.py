@@ -1,4 +1,6 @@
-"""`gptjax` / `python -m gptjax`: train, sample, eval, bench, plot. User mistakes print one line and exit 2."""
+"""`gptjax` / `python -m gptjax`: train, sample, eval, export, bench, plan, plot, data, launch.
+
+A user's mistake prints one line (`gptjax: error: ...`) and exits 2."""
 
 from __future__ import annotations
 
@@ -10,10 +12,18 @@ from gptjax.checkpoint import CheckpointError
 from gptjax.config import ConfigError
 from gptjax.data import DataError
 from gptjax.distributed import DistributedError
+from gptjax.faults import TrainingError
 from gptjax.launch import LaunchError
 from gptjax.launch import add_arguments as add_launch_arguments
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, DistributedError, LaunchError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    DistributedError,
+    LaunchError,
+    TrainingError,
+)
 
 
 def _train(args) -> int:
@@ -68,6 +78,14 @@ def _eval(args) -> int:
     result = train.evaluate(setup, eval_step, params, data, n_batches)
     result["eval_tokens"] = n_batches * cfg.train.batch_size * cfg.model.seq_len
     print(json.dumps(result))
+    return 0
+
+
+def _export(args) -> int:
+    from gptjax import checkpoint
+
+    out = checkpoint.export(args.run_dir, args.out, args.step)
+    print(json.dumps({"exported": str(out)}))
     return 0
 
 
@@ -168,6 +186,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--batches", type=int, default=0, help="default: the whole validation set")
     p.set_defaults(run=_eval)
+
+    p = commands.add_parser("export", help="consolidated parameters (params.npz) for elsewhere")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    p.set_defaults(run=_export)
 
     p = commands.add_parser("bench", help="steady-state training throughput; one JSON line")
     p.add_argument("config")

@@ -128,11 +128,20 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=0, description="0: only at the end")
     eval_steps: int = Field(8, gt=0)
     log_every: int = Field(10, gt=0)
+    max_bad_steps: int = Field(
+        10, gt=0, description="non-finite steps in a row (each skipped) before stopping"
+    )
     profile_steps: list[int] | None = Field(
         None, description="[first, last] (numbered as in metrics.jsonl): trace into run_dir/profile"
     )
     step_timeout: float = Field(
         0.0, ge=0.0, description="seconds without progress before the watchdog exits; 0: off"
+    )
+    stop_at: int = Field(
+        0,
+        ge=0,
+        description="stop (with a checkpoint) after this step, as if preempted; the schedule "
+        "still runs to train.steps; 0: off",
     )
 
     @model_validator(mode="after")
@@ -168,6 +177,7 @@ class OptimConfig(_Section):
 class CheckpointConfig(_Section):
     every: int = Field(500, ge=0, description="0: only at the end")
     keep: int = Field(3, gt=0)
+    keep_period: int = Field(0, ge=0, description="also keep every step divisible by this; 0: no")
     async_: bool = Field(True, alias="async")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)

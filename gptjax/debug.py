@@ -150,7 +150,6 @@ class StepMonitor:
         self.lead = lead
         self.watchdog = _WATCHDOG.get() or distributed.Watchdog(0)
         self.index = 0
-        self.first_index: int | None = None
         self.seen: set[int] = set()  # functions already called once (compiled)
         self.times: list[tuple[float, float, float]] = []  # (data, device, host) seconds
         self._begin = self._call = self._return = None
@@ -167,8 +166,6 @@ class StepMonitor:
         """Iteration `index` (0-based) starts: it will load a batch and dispatch step index+1."""
         now = time.perf_counter()
         self._finish_timing(now)
-        if self.first_index is None:
-            self.first_index = index
         self.index, self._begin = index, now
         self.watchdog.pet(f"the batch of step {index + 1}")
 
@@ -193,32 +190,30 @@ class StepMonitor:
             if is_first_call:
                 self.watchdog.pause()  # compilation time is not a hang
             elif kind == "train":
-                self.watchdog.pet(f"step {self._waiting_for()}")
+                # Without debug mode steps run ahead of the host: dispatching step n may wait
+                # for step n-1, the most recent one dispatched.
+                self.watchdog.pet(f"step {self.index + (1 if self.debug else 0)}")
             else:
                 self.watchdog.pet(f"an evaluation batch after step {self.index + 1}")
             if kind != "train" or not self.debug:
                 out = fn(first, batch)
-                what = f"step {self._waiting_for()}" if kind == "train" else "an evaluation"
-                self.watchdog.pet(what)
+                what = f"step {self.index + 1}" if kind == "train" else "an evaluation"
+                self.watchdog.pet(what)  # the loop now waits for this step (or the one before)
                 return out
             return self._debug_step(fn, first, batch)
 
         return run
-
-    def _waiting_for(self) -> int:
-        """The step the loop blocks on next: without debug, step n's numbers are read while
-        step n+1 is queued, so that is the previous step (except right after a start)."""
-        if self.debug or self.index == self.first_index:
-            return self.index + 1
-        return self.index
 
     def _debug_step(self, fn, state, batch):
         import jax
         import jax.numpy as jnp
 
         step = self.index + 1
-        self._call = time.perf_counter()
+        entered = time.perf_counter()
         spare = jax.tree.map(jnp.copy, (state, batch)) if self.check else None  # state is donated
+        jax.block_until_ready(spare)
+        self._begin += time.perf_counter() - entered  # the copy is neither data nor step time
+        self._call = time.perf_counter()
         try:
             new_state, stats = jax.block_until_ready(fn(state, batch))
         except FloatingPointError as error:

@@ -105,72 +105,69 @@ def _port(env: Mapping[str, str], default: int) -> int:
     return default
 
 
+def _explicit(env: Mapping[str, str], ids: tuple[int, ...] | None) -> Topology:
+    if not env.get("GPTJAX_NUM_PROCESSES"):
+        raise DistributedError("GPTJAX_COORDINATOR is set but GPTJAX_NUM_PROCESSES is not")
+    count = _int(env, "GPTJAX_NUM_PROCESSES")
+    id_names = ("GPTJAX_PROCESS_ID", "JOB_COMPLETION_INDEX", "SLURM_PROCID")
+    id_name = next((name for name in id_names if env.get(name)), None)
+    if count > 1 and not env.get("GPTJAX_COORDINATOR"):
+        raise DistributedError(
+            f"GPTJAX_NUM_PROCESSES={count} needs GPTJAX_COORDINATOR=host:port "
+            "(the address of process 0)"
+        )
+    if count > 1 and id_name is None:
+        raise DistributedError(
+            "GPTJAX_NUM_PROCESSES is set but not the process id: set GPTJAX_PROCESS_ID "
+            "(or run as a Kubernetes indexed Job, which sets JOB_COMPLETION_INDEX)"
+        )
+    coordinator = env.get("GPTJAX_COORDINATOR", "").strip() or None
+    if coordinator and ":" not in coordinator:
+        coordinator = f"{coordinator}:{_port(env, DEFAULT_PORT)}"
+    process_id = _int(env, id_name) if id_name else 0
+    return Topology(count, process_id, coordinator, ids, "explicit")
+
+
+def _slurm(env: Mapping[str, str], ids: tuple[int, ...] | None) -> Topology:
+    count = _int(env, "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS")
+    names = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    nodes = next((env[name] for name in names if env.get(name)), None)
+    if count > 1 and nodes is None:
+        raise DistributedError("SLURM_NTASKS > 1 but no SLURM_STEP_NODELIST/SLURM_NODELIST")
+    # The port JAX's own SLURM detection picks: an ephemeral port derived from the job id.
+    port = _port(env, _int(env, "SLURM_JOB_ID") % 4096 + 65536 - 4096)
+    tasks_here = _slurm_tasks_on_node(env)
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    # Several tasks on a node that all see the node's GPUs: task i takes local device i.
+    # (With --gpus-per-task / --gpu-bind SLURM already narrowed CUDA_VISIBLE_DEVICES.)
+    shared = not visible or len(visible) == tasks_here
+    if ids is None and tasks_here and tasks_here > 1 and shared and env.get("SLURM_LOCALID"):
+        ids = (_int(env, "SLURM_LOCALID"),)
+    coordinator = f"{first_host(nodes)}:{port}" if nodes else None
+    return Topology(count, _int(env, "SLURM_PROCID"), coordinator, ids, "slurm")
+
+
 def resolve(env: Mapping[str, str] | None = None) -> Topology:
     """The process topology the environment describes (see the module docstring)."""
     env = os.environ if env is None else env
-    explicit_ids = None
+    ids = None
     if env.get("GPTJAX_LOCAL_DEVICE_IDS"):
         try:
-            explicit_ids = tuple(int(x) for x in env["GPTJAX_LOCAL_DEVICE_IDS"].split(","))
+            ids = tuple(int(x) for x in env["GPTJAX_LOCAL_DEVICE_IDS"].split(","))
         except ValueError:
             raise DistributedError(
                 f"GPTJAX_LOCAL_DEVICE_IDS={env['GPTJAX_LOCAL_DEVICE_IDS']!r}: "
                 "use comma-separated integers, e.g. 0,1"
             ) from None
-
     if env.get("GPTJAX_COORDINATOR") or env.get("GPTJAX_NUM_PROCESSES"):
-        if not env.get("GPTJAX_NUM_PROCESSES"):
-            raise DistributedError("GPTJAX_COORDINATOR is set but GPTJAX_NUM_PROCESSES is not")
-        count = _int(env, "GPTJAX_NUM_PROCESSES")
-        id_names = ("GPTJAX_PROCESS_ID", "JOB_COMPLETION_INDEX", "SLURM_PROCID")
-        id_name = next((name for name in id_names if env.get(name)), None)
-        if count > 1 and not env.get("GPTJAX_COORDINATOR"):
-            raise DistributedError(
-                f"GPTJAX_NUM_PROCESSES={count} needs GPTJAX_COORDINATOR=host:port "
-                "(the address of process 0)"
-            )
-        if count > 1 and id_name is None:
-            raise DistributedError(
-                "GPTJAX_NUM_PROCESSES is set but not the process id: set GPTJAX_PROCESS_ID "
-                "(or run as a Kubernetes indexed Job, which sets JOB_COMPLETION_INDEX)"
-            )
-        coordinator = env.get("GPTJAX_COORDINATOR", "").strip() or None
-        if coordinator and ":" not in coordinator:
-            coordinator = f"{coordinator}:{_port(env, DEFAULT_PORT)}"
-        topology = Topology(
-            count, _int(env, id_name) if id_name else 0, coordinator, explicit_ids, "explicit"
-        )
+        topology = _explicit(env, ids)
     elif env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS") and env.get("SLURM_PROCID"):
-        count = _int(env, "SLURM_NTASKS")
-        nodes = next(
-            (
-                env[n]
-                for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                if env.get(n)
-            ),
-            None,
-        )
-        if count > 1 and nodes is None:
-            raise DistributedError("SLURM_NTASKS > 1 but no SLURM_STEP_NODELIST/SLURM_NODELIST")
-        # The port JAX's own SLURM detection picks: an ephemeral port derived from the job id.
-        port = _port(env, _int(env, "SLURM_JOB_ID") % 4096 + 65536 - 4096)
-        ids = explicit_ids
-        tasks_here = _slurm_tasks_on_node(env)
-        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        # Several tasks on a node that all see the node's GPUs: task i takes local device i.
-        # (With --gpus-per-task / --gpu-bind SLURM already narrowed CUDA_VISIBLE_DEVICES.)
-        shared = not visible or len(visible) == tasks_here
-        if ids is None and tasks_here and tasks_here > 1 and shared and env.get("SLURM_LOCALID"):
-            ids = (_int(env, "SLURM_LOCALID"),)
-        coordinator = f"{first_host(nodes)}:{port}" if nodes else None
-        topology = Topology(count, _int(env, "SLURM_PROCID"), coordinator, ids, "slurm")
+        topology = _slurm(env, ids)
     elif env.get("OMPI_COMM_WORLD_SIZE") and env.get("OMPI_COMM_WORLD_RANK"):
-        count = _int(env, "OMPI_COMM_WORLD_SIZE")
-        rank = _int(env, "OMPI_COMM_WORLD_RANK")
-        topology = Topology(count, rank, None, explicit_ids, "openmpi")
+        count, rank = _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_RANK")
+        topology = Topology(count, rank, None, ids, "openmpi")
     else:
-        return Topology(1, 0, None, explicit_ids, "single")
-
+        return Topology(1, 0, None, ids, "single")
     if topology.num_processes < 1 or not 0 <= topology.process_id < topology.num_processes:
         raise DistributedError(
             f"process id {topology.process_id} is outside 0..{topology.num_processes - 1} "
@@ -192,6 +189,18 @@ def initialize(cfg: Config, env: Mapping[str, str] | None = None) -> Topology:
             check_same_config(cfg)
         return topology
     timeout = cfg.distributed.init_timeout
+    hint = (
+        " (under SLURM, start one process per task with srun)" if topology.source == "slurm" else ""
+    )
+    failure = (
+        f"process {topology.process_id} of {topology.num_processes} could not join the "
+        f"coordinator {topology.coordinator or '(auto)'} within {timeout} s "
+        f"(distributed.init_timeout); are all processes started, and is it reachable?{hint}"
+    )
+    # XLA aborts the process (a C++ fatal error) when joining times out: end it first, in one line.
+    deadline = threading.Timer(timeout, _exit_with, (failure, 2))
+    deadline.daemon = True
+    deadline.start()
     try:
         jax.distributed.initialize(
             coordinator_address=topology.coordinator,
@@ -199,17 +208,15 @@ def initialize(cfg: Config, env: Mapping[str, str] | None = None) -> Topology:
             process_id=topology.process_id,
             local_device_ids=list(topology.local_device_ids) if topology.local_device_ids else None,
             cluster_detection_method="deactivate" if topology.coordinator else None,
-            initialization_timeout=timeout,
+            initialization_timeout=timeout + 30,
             heartbeat_timeout_seconds=cfg.distributed.heartbeat_timeout,
             shutdown_timeout_seconds=cfg.distributed.heartbeat_timeout,
         )
     except Exception as error:  # XlaRuntimeError (DEADLINE_EXCEEDED etc.) has no public type
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DistributedError(
-            f"process {topology.process_id} of {topology.num_processes} could not join the "
-            f"coordinator {topology.coordinator or '(auto)'} within {timeout} s "
-            f"(distributed.init_timeout): {first[:300]}"
-        ) from None
+        raise DistributedError(f"{failure}: {first[:300]}") from None
+    finally:
+        deadline.cancel()
     check_same_config(cfg)
     return topology
 
@@ -273,6 +280,11 @@ def check_same_config(cfg: Config) -> None:
     )
 
 
+def _exit_with(message: str, code: int) -> None:
+    print(f"gptjax: error: {message}", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
 class Watchdog:
     """Exits the process (os._exit) when `pet` is not called for `timeout` seconds.
 
@@ -305,11 +317,9 @@ class Watchdog:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             idle = time.monotonic() - self._last
             if not self._paused and idle > self.timeout:
-                print(
-                    f"gptjax: error: watchdog: no progress for {idle:.0f} s while waiting for "
-                    f"{self._what} (train.step_timeout={self.timeout:g}); a process is stuck or "
-                    "a peer died; exiting",
-                    file=sys.stderr,
-                    flush=True,
+                _exit_with(
+                    f"watchdog: no progress for {idle:.0f} s while waiting for {self._what} "
+                    f"(train.step_timeout={self.timeout:g}); a process is stuck or a peer died; "
+                    "exiting",
+                    self.exit_code,
                 )
-                os._exit(self.exit_code)

@@ -21,7 +21,8 @@ def load_run(run_dir: str | Path, step: int | None = None, devices=None):
         raise config.ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = config.load(run_dir / "config.yaml", ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"])
     setup = train.build(cfg, devices or jax.devices()[:1])
-    ckpt = checkpoint.Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=False)
+    # read_only: the run may be training (and saving) right now
+    ckpt = checkpoint.Checkpointer(run_dir, async_save=False, read_only=True)
     try:
         state = ckpt.restore(setup.abstract_state, step)
     finally:

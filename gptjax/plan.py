@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import metrics, train
-from gptjax.config import Config
+from gptjax.config import Config, ConfigError
 
 GiB = 2**30
 FLOPS_FORMULA = "6*N + 12*L*H*Q*T (PaLM appendix B; N excludes position embeddings)"
@@ -216,6 +216,8 @@ def run(args) -> int:
 
     cfg = config.load(args.config, args.overrides)
     args.devices = devices_needed(cfg, args.devices)
+    if args.devices < 1:
+        raise ConfigError(f"--devices {args.devices}: plan needs at least one device")
     devices = cpu_devices(args.devices)
     if devices is None:  # JAX started with fewer devices in this process: plan in a fresh one
         env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(args.devices), "JAX_PLATFORMS": "cpu"}

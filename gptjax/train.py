@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from gptjax import loss as vocab_loss
 from gptjax.config import Config, ConfigError, shape_keys
 from gptjax.data import Dataset, load_dataset
 from gptjax.data import loader as data_loader
+from gptjax.faults import PreemptionGuard, TrainingError
 
 
 @dataclass
@@ -162,16 +164,22 @@ def make_train_step(setup: Setup):
         params = state["params"]
         key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"]) if use_dropout else None
         loss, grads = loss_and_grads(graphdef, params, batch_BT1, cfg.train.micro_batches, key)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+        # A non-finite loss or gradient skips the update (the step still advances, so the data
+        # moves on): the state stays finite and is safe to checkpoint.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)
         new_state = {
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
+            "params": jax.tree.map(keep, optax.apply_updates(params, updates), params),
+            "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
             "step": state["step"] + 1,
         }
         stats = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": setup.schedule(state["step"]),
+            "skipped": (~finite).astype(jnp.int32),
         }
         return new_state, stats
 
@@ -234,11 +242,12 @@ def evaluate(setup: Setup, eval_step, params, data: Dataset, n_batches: int) -> 
     }
 
 
-def check_resume(run_dir: Path, cfg: Config) -> None:
-    """Refuse to resume a run whose saved config has different parameter shapes."""
+def check_resume(run_dir: Path, cfg: Config) -> list[str]:
+    """Refuse to resume a run whose saved config has different parameter shapes; return the
+    other settings that changed (mesh, batch size, steps, schedule: allowed on resume)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        return
+        return []
     from gptjax import config as config_module
 
     try:
@@ -252,6 +261,22 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
             f"{run_dir} holds a run with different parameter shapes: {', '.join(differ)}; "
             "use a new run_dir"
         )
+    before, after = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    return [
+        f"{key}: {before.get(key)} -> {after.get(key)}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "rules":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -291,21 +316,26 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
 def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     setup = build(cfg, debug.devices(cfg))  # config/mesh errors first, before touching the disk
     run_dir = prepare_run_dir(cfg)
-    check_resume(run_dir, cfg)
+    changed = check_resume(run_dir, cfg)
     lead = jax.process_index() == 0
+    if changed and lead:
+        print(f"gptjax: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
     data = load_data(cfg, run_dir, progress=progress and lead)
     if lead:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         if not (run_dir / "tokenizer.model").is_file():
             data.tokenizer.save(run_dir / "tokenizer.model")
 
-    ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_)
-    start = ckpt.latest_step()
-    if start is None:
-        state = init_state(setup)
-        start = 0
+    ckpt = checkpoint.Checkpointer(
+        run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, cfg.checkpoint.keep_period
+    )
+    restored = ckpt.restore_newest_valid(setup.abstract_state)
+    if restored is None:
+        state, start = init_state(setup), 0
     else:
-        state = ckpt.restore(setup.abstract_state, start)
+        start, state = restored
+        if lead:
+            print(f"gptjax: resumed {run_dir} at step {start}", file=sys.stderr)
     monitor = debug.StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
     train_step = monitor.wrap(make_train_step(setup))
     eval_step = monitor.wrap(make_eval_step(setup, data.token_bytes), "eval")
@@ -327,13 +357,30 @@ def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     batches = data_loader.Prefetcher(batch_for, cfg.data.prefetch, stop=cfg.train.steps)
 
     last: dict[str, Any] = {}
+    bad_in_a_row, bad_total = 0, 0
     pending = None  # (step, stats) of the step dispatched before the current one
     window_start, window_steps = time.perf_counter(), 0
 
     def report(step, stats):
-        nonlocal window_start, window_steps
+        nonlocal window_start, window_steps, bad_in_a_row, bad_total
         record = {"step": step, **{k: float(v) for k, v in stats.items()}}
         window_steps += 1
+        if record.pop("skipped"):
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            if lead:
+                print(
+                    f"gptjax: step {step}: non-finite loss or gradient, update skipped",
+                    file=sys.stderr,
+                )
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
+                    "gradient; stopping. The last checkpoint holds finite weights: lower "
+                    "optim.lr or check the data"
+                )
+        else:
+            bad_in_a_row = 0
+        record["bad_steps"] = bad_total
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * B * T / elapsed
@@ -347,49 +394,70 @@ def _train(cfg: Config, progress: bool) -> dict[str, Any]:
 
     profile = cfg.train.profile_steps  # [first, last], numbered like metrics.jsonl steps
     tracing = False
-    for step in range(start, cfg.train.steps):
-        monitor.begin(step)
-        if profile and step + 1 == profile[0]:
-            jax.profiler.start_trace(str(run_dir / "profile"))
-            tracing = True
-        state, stats = train_step(state, batches.get(step))
-        if step == start:  # the first call compiled synchronously: keep that out of tokens/s
-            window_start = time.perf_counter()
-        if tracing and step + 1 == profile[1]:
+    guard = PreemptionGuard(sync_every=cfg.train.log_every)
+    try:
+        guard.install()
+        # train.stop_at: end early (with a checkpoint) on the schedule of all train.steps
+        end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+        for step in range(start, end):
+            monitor.begin(step)
+            if profile and step + 1 == profile[0]:
+                jax.profiler.start_trace(str(run_dir / "profile"))
+                tracing = True
+            state, stats = train_step(state, batches.get(step))
+            if step == start:  # the first call compiled synchronously: keep that out of tokens/s
+                window_start = time.perf_counter()
+            if tracing and step + 1 == profile[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+            if pending is not None:  # read step n-1's numbers while step n runs
+                report(*pending)
+            pending = (step + 1, stats)
+            if bar is not None:
+                bar.update(1)
+            done = step + 1
+            is_last = done == cfg.train.steps
+            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last:
+                report(*pending)
+                pending = None
+                result = evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps)
+                writer.write({"step": done, **result})
+                last.update(result)
+                if bar is not None:
+                    bar.write(
+                        f"step {done}: eval loss {result['eval_loss']:.4f}, "
+                        f"bpb {result['eval_bpb']:.4f}"
+                    )
+                window_start, window_steps = time.perf_counter(), 0
+            stop = guard.should_stop(done) or done == cfg.train.stop_at
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
+                ckpt.save(done, state, cfg.to_dict())
+            if stop:
+                if pending is not None:
+                    report(*pending)
+                    pending = None
+                ckpt.wait()
+                if lead:
+                    print(
+                        f"gptjax: stopped at step {done}; checkpoint saved, run the same command "
+                        "to resume",
+                        file=sys.stderr,
+                    )
+                last["preempted"] = True
+                break
+        if pending is not None:
+            report(*pending)
+        if tracing:  # the run ended inside the profiled steps
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
-            tracing = False
-        if pending is not None:  # read step n-1's numbers while step n runs
-            report(*pending)
-        pending = (step + 1, stats)
+    finally:
+        guard.uninstall()
         if bar is not None:
-            bar.update(1)
-        done = step + 1
-        is_last = done == cfg.train.steps
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last:
-            report(*pending)
-            pending = None
-            result = evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps)
-            writer.write({"step": done, **result})
-            last.update(result)
-            if bar is not None:
-                bar.write(
-                    f"step {done}: eval loss {result['eval_loss']:.4f}, "
-                    f"bpb {result['eval_bpb']:.4f}"
-                )
-            window_start, window_steps = time.perf_counter(), 0
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last:
-            ckpt.save(done, state)
-    if pending is not None:
-        report(*pending)
-    if tracing:  # the run ended inside the profiled steps
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-    if bar is not None:
-        bar.close()
-    batches.close()
-    monitor.close()
-    ckpt.close()
-    writer.close()
-    last["final_step"] = max(start, cfg.train.steps)
+            bar.close()
+        batches.close()
+        monitor.close()
+        ckpt.close()  # waits for an asynchronous save in flight
+        writer.close()
+    last["final_step"] = int(jax.device_get(state["step"]))
     return last

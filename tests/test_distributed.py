@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, run_cli, tiny_config
 
 from gptjax import distributed
 from gptjax.distributed import DistributedError, first_host, resolve
@@ -247,6 +247,23 @@ def test_two_processes_train_like_one(tmp_path, cache_dir):
     # Only process 0 prints the result line; both processes wrote their checkpoint shards.
     assert output.count('"final_step": 10') == 1 and '[rank 0] {"step": 10' in output
     assert (multi / "checkpoints" / "10").is_dir()
+
+
+def test_a_missing_coordinator_is_one_line_after_init_timeout(tmp_path):
+    env = {
+        "GPTJAX_COORDINATOR": f"127.0.0.1:{free_port()}",  # nobody listens there
+        "GPTJAX_NUM_PROCESSES": "2",
+        "GPTJAX_PROCESS_ID": "1",
+    }
+    args = ["train", "configs/debug.yaml", f"run_dir={tmp_path}", "distributed.init_timeout=2"]
+    result = run_cli(*args, env=env, timeout=120)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("gptjax: error: process 1 of 2 could not join the coordinator 127.0.0.1:")
+    )
+    assert "within 2 s (distributed.init_timeout)" in result.stderr
 
 
 @pytest.mark.multiprocess

@@ -24,6 +24,16 @@ def hand_counts(L, D, F, V, P, tied=True):
     return total, L * (3 * D + F)
 
 
+def hand_param_bytes(L, D, F, V, P, fsdp, tensor):
+    """f32 bytes per device, default rules: embed over fsdp; vocab, heads, mlp over tensor."""
+    e, t = fsdp, tensor
+    per_layer = 4 * D // e  # two layer norms (scale, bias)
+    per_layer += 3 * D * D // (e * t) + 3 * D // t  # qkv_w [D, 3, N, H], qkv_b [3, N, H]
+    per_layer += D * D // (t * e) + D // e  # out_w [N, H, D], out_b
+    per_layer += D * F // (e * t) + F // t + F * D // (t * e) + D // e  # fc_w, fc_b, proj_w, proj_b
+    return 4 * (V * D // (t * e) + P * D // e + L * per_layer + 2 * D // e)
+
+
 def test_counts_and_flops_follow_the_hand_formulas(tmp_path, cache_dir):
     cfg = tiny(tmp_path, cache_dir, "mesh.fsdp=8")
     report = plan.plan(cfg, jax.devices()[:8], xla=False)
@@ -46,11 +56,7 @@ def test_bytes_per_device_by_hand_and_by_xla(tmp_path, cache_dir, mesh):
     total, no_embed = hand_counts(L, D, F, V, P=T)
     if mesh == (1, 8, 1):  # everything with an embed axis is split 8 ways, the rest replicated
         assert size["params"] == 4 * ((total - no_embed) // 8 + no_embed)
-    else:  # embed over fsdp=2; heads, mlp and vocab over tensor=2 (qkv_b by heads, fc_b by mlp)
-        wte, wpe = V * D // 4, T * D // 2
-        per_layer = 4 * D // 2 + 3 * D * D // 4 + 3 * D // 2 + D * D // 4 + D // 2
-        per_layer += D * F // 4 + F // 2 + F * D // 4 + D // 2
-        assert size["params"] == 4 * (wte + wpe + L * per_layer + 2 * D // 2)
+    assert size["params"] == hand_param_bytes(L, D, F, V, T, fsdp, tensor)
     assert size["grads"] == size["params"]
     assert size["opt_state"] == pytest.approx(2 * size["params"], abs=64)  # + Adam's counters
     if not xla:
@@ -96,11 +102,11 @@ def test_plan_175b_on_64_devices_in_a_fresh_process(capfd):
     code = cli.main(["plan", config_path, "--devices", "64", "--json", "--no-xla"])
     assert code == 0
     report = json.loads(capfd.readouterr().out)
-    total, no_embed = hand_counts(L=96, D=12288, F=4 * 12288, V=50304, P=2048)
-    assert report["params"] == total
-    assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
-    params = 4 * ((total - no_embed) // 64 + no_embed)  # f32, embed sharded 64 ways
-    assert report["bytes_per_device"]["params"] == params
+    shape = dict(L=96, D=12288, F=4 * 12288, V=50304, P=2048)
+    assert report["params"] == hand_counts(**shape)[0]
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 8}
+    params = hand_param_bytes(**shape, fsdp=8, tensor=8)
+    assert report["bytes_per_device"]["params"] == params  # 10.2 GiB
     assert report["bytes_per_device"]["xla_total"] is None  # --no-xla
     assert set(report["bytes_per_device"]) == {"params", "grads", "opt_state", "xla_total"}
 

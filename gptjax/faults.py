@@ -1,4 +1,6 @@
-"""Stop cleanly on SIGTERM / SIGINT: finish the step, checkpoint, exit 0.
+"""What stops a run: a stop signal (handled cleanly) or a run that cannot go on.
+
+SIGTERM / SIGINT: finish the step, checkpoint, exit 0.
 
 The first signal only sets a flag; the loop checks it between steps. With several processes they
 agree on the step to stop at (an all-gather of the flags at fixed steps), so none is left waiting
@@ -15,6 +17,10 @@ import jax
 import numpy as np
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps); the message is one line."""
 
 
 class PreemptionGuard:
@@ -36,7 +42,7 @@ class PreemptionGuard:
             file=sys.stderr,
         )
 
-    def __enter__(self) -> PreemptionGuard:
+    def install(self) -> PreemptionGuard:
         try:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -44,9 +50,16 @@ class PreemptionGuard:
             self._previous.clear()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionGuard:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
 
     def should_stop(self, step: int) -> bool:
         """Whether to stop after `step`. Every process must call this at every step."""
