@@ -1,6 +1,6 @@
 """The GPT-2 architecture in Flax NNX, layers stacked and run with `lax.scan`.
 
-Every parameter carries logical axis names (`out_sharding` metadata); the model knows nothing of meshes.
+Every parameter carries logical axis names (`out_sharding` metadata); the model knows no mesh.
 Shapes use B batch, T sequence, D d_model, N heads, H head_dim, F d_ff, V vocab, L layers.
 Parameters are kept in `param_dtype` (f32); matmuls run in `dtype` (bf16 or f32); layer norms,
 softmax statistics and logits are f32.
