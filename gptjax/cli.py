@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from gptjax.checkpoint import CheckpointError
@@ -232,7 +233,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _setup_logging() -> None:
+    """gptjax's own warnings as `gptjax: warning: ...` lines on stderr."""
+    logger = logging.getLogger("gptjax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("gptjax: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
     top = parser()
     args, extra = top.parse_known_args(argv)
     # `train CONFIG --debug a=1 b=2`: argparse leaves overrides that follow a flag unparsed.

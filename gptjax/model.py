@@ -132,9 +132,10 @@ class GPT(nnx.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         T = tokens_BT.shape[1]
-        # Gather from a table whose vocab axis is whole: a gather from a vocab-sharded table
-        # makes XLA rematerialise the full table on some meshes.
-        table = constrain(self.wte[...], (None, "embed"))
+        # Gather from a whole (all-gathered) table, as FSDP does for every weight: a gather
+        # from a table sharded on vocab or embed makes XLA rematerialise it in full on meshes
+        # where data and fsdp are both > 1 ("Involuntary full rematerialization").
+        table = constrain(self.wte[...], (None, None))
         x = jnp.take(table, tokens_BT, axis=0) + self.wpe[...][:T]
         x = constrain(x.astype(dt), ("batch", "seq", "embed"))
         keys = None

@@ -108,17 +108,21 @@ def batch_spec(setup: train.Setup) -> jax.ShapeDtypeStruct:
 # --- XLA --------------------------------------------------------------------------------------
 
 
-def xla_memory(setup: train.Setup) -> dict[str, int] | None:
-    """Compile the train step for abstract inputs and return XLA's per-device memory analysis.
+def compile_step(setup: train.Setup) -> jax.stages.Compiled:
+    """The train step compiled ahead of time for abstract inputs; callable as (state, batch)."""
+    step = train.make_train_step(setup)
+    with setup.activate():
+        return step.jitted.lower(setup.abstract_state, batch_spec(setup)).compile()
+
+
+def xla_memory(setup: train.Setup, compiled: jax.stages.Compiled | None = None):
+    """XLA's per-device memory analysis of the compiled train step (bytes), or None.
 
     `total` = arguments + outputs - aliased (donated state reused for the new state) + temporaries:
     the peak the compiled step needs on one device. `state` = arguments - the batch shard, i.e.
     params + optimiser state + step as XLA lays them out.
     """
-    step = train.make_train_step(setup)
-    batch = batch_spec(setup)
-    with setup.activate():
-        compiled = step.jitted.lower(setup.abstract_state, batch).compile()
+    compiled = compiled or compile_step(setup)
     stats = compiled.memory_analysis()
     if stats is None:
         return None
@@ -129,7 +133,7 @@ def xla_memory(setup: train.Setup) -> dict[str, int] | None:
         "temp": stats.temp_size_in_bytes,
     }
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    out["state"] = out["argument"] - _shard_bytes(batch)
+    out["state"] = out["argument"] - _shard_bytes(batch_spec(setup))
     return out
 
 

@@ -337,7 +337,8 @@ def test_watchdog_ends_a_run_whose_peer_hangs(tmp_path, cache_dir):
         process.kill()
     output = log.read_text()
     assert code == distributed.WATCHDOG_EXIT_CODE, output[-3000:]
-    hung = re.search(r"\[rank 0\] gptjax: error: watchdog: .* waiting for step (\d+)", output)
+    pattern = r"\[rank 0\] gptjax: error: watchdog: .* waiting for (?:the batch of )?step (\d+)"
+    hung = re.search(pattern, output)
     assert hung, output[-3000:]
     assert int(hung[1]) > seen  # a step after the last one that completed
     assert "rank 0 exited with code 3" in output

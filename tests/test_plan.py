@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from gptjax import cli, config, plan
-from tests.conftest import ROOT, run_cli, tiny_config
+from tests.conftest import ROOT, tiny_config
 
 L, D, N, F, V, T = 2, 64, 8, 256, 512, 64  # the tiny model below
 
@@ -47,11 +47,10 @@ def test_counts_and_flops_follow_the_hand_formulas(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)], ids=["fsdp8", "2x2x2"])
-def test_bytes_per_device_by_hand_and_by_xla(tmp_path, cache_dir, mesh):
+def test_bytes_per_device_by_hand(tmp_path, cache_dir, mesh):
     data, fsdp, tensor = mesh
     shape = (f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}")
-    xla = mesh == (2, 2, 2)  # one XLA compile is enough to compare against
-    report = plan.plan(tiny(tmp_path, cache_dir, *shape), jax.devices()[:8], xla=xla)
+    report = plan.plan(tiny(tmp_path, cache_dir, *shape), jax.devices()[:8], xla=False)
     size = report["bytes_per_device"]
     total, no_embed = hand_counts(L, D, F, V, P=T)
     if mesh == (1, 8, 1):  # everything with an embed axis is split 8 ways, the rest replicated
@@ -59,14 +58,7 @@ def test_bytes_per_device_by_hand_and_by_xla(tmp_path, cache_dir, mesh):
     assert size["params"] == hand_param_bytes(L, D, F, V, T, fsdp, tensor)
     assert size["grads"] == size["params"]
     assert size["opt_state"] == pytest.approx(2 * size["params"], abs=64)  # + Adam's counters
-    if not xla:
-        assert report["xla"] is None and size["xla_total"] is None
-        return
-    # XLA's arguments are the donated state plus the batch shard: within 5% of the analysis.
-    xla = report["xla"]
-    assert xla["state"] == pytest.approx(size["params"] + size["opt_state"], rel=0.05)
-    assert xla["alias"] == pytest.approx(xla["state"], rel=0.05)  # the state is donated
-    assert size["xla_total"] == xla["total"] > size["params"] + size["opt_state"]
+    assert report["xla"] is None and size["xla_total"] is None  # XLA: see test_sharding.py
 
 
 def test_gpt3_configs_match_the_paper():
@@ -111,12 +103,11 @@ def test_plan_175b_on_64_devices_in_a_fresh_process(capfd):
     assert set(report["bytes_per_device"]) == {"params", "grads", "opt_state", "xla_total"}
 
 
-def test_plan_text_with_param_table(tmp_path, cache_dir):
+def test_plan_text_with_param_table(tmp_path, cache_dir, capsys):
     path = Path(tmp_path) / "tiny.yaml"
     path.write_text(tiny(tmp_path, cache_dir).to_yaml())
-    result = run_cli("plan", str(path), "mesh.tensor=8", "--devices", "8", "--params")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    assert cli.main(["plan", str(path), "mesh.tensor=8", "--devices", "8", "--params"]) == 0
+    out = capsys.readouterr().out
     assert "XLA:CPU compiled" in out and "6*N + 12*L*H*Q*T" in out
     rows = {
         line.split()[0]: line.split() for line in out.splitlines() if line.startswith("blocks.")

@@ -49,16 +49,20 @@ def batches(vocab=512, batch=8, seq=64):
 
 
 def run(cfg, devices):
-    """Train STEPS steps in-process; returns (init params, losses, final state)."""
+    """Train STEPS steps in-process; returns (init params, losses, final state, XLA memory).
+
+    The step is train.make_train_step's jit, compiled ahead of time as `gptjax plan` does, so
+    the same executable also gives XLA's memory analysis.
+    """
     setup = train.build(cfg, devices)
     state = train.init_state(setup)
     init = jax.device_get(state["params"])
-    step = train.make_train_step(setup)
+    step = plan.compile_step(setup)
     losses = []
     for tokens in batches():
         state, stats = step(state, jax.device_put(tokens, setup.batch_sharding))
         losses.append(float(stats["loss"]))
-    return init, np.array(losses), state
+    return init, np.array(losses), state, plan.xla_memory(setup, step)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +76,8 @@ def runs(tmp_path_factory, cache_dir):
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_every_mesh_trains_like_one_device(runs, shape):
-    ref_init, ref_losses, ref_state = runs[(1, 1, 1)]
-    init, losses, state = runs[shape]
+    ref_init, ref_losses, ref_state, _ = runs[(1, 1, 1)]
+    init, losses, state, _ = runs[shape]
     # Sharded initialisation draws the same numbers as unsharded (partitionable threefry).
     for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(ref_init), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -101,7 +105,7 @@ def _shard_fraction(array) -> list[float]:
 
 
 def test_fsdp_splits_params_and_adam_moments_eight_ways(runs):
-    _, _, state = runs[(1, 8, 1)]
+    _, _, state, _ = runs[(1, 8, 1)]
     large = {
         _name(path): a
         for path, a in jax.tree_util.tree_leaves_with_path(state["params"])
@@ -123,7 +127,7 @@ def test_fsdp_splits_params_and_adam_moments_eight_ways(runs):
 
 
 def test_tensor_parallel_splits_heads_and_mlp(runs):
-    _, _, state = runs[(1, 1, 8)]
+    _, _, state, _ = runs[(1, 1, 8)]
     blocks = state["params"]["blocks"]
     L, D, N, H, F = 2, 64, 8, 8, 256
     expected = {
@@ -141,8 +145,8 @@ def test_tensor_parallel_splits_heads_and_mlp(runs):
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_plan_bytes_are_the_bytes_each_device_holds(runs, tmp_path, cache_dir, shape):
-    """gptjax plan's analytic bytes/device equal the trained arrays' real shards."""
-    _, _, state = runs[shape]
+    """gptjax plan's analytic bytes/device equal the trained arrays' real shards and XLA's."""
+    _, _, state, xla = runs[shape]
     planned = plan.state_bytes(train.build(config_for(tmp_path, cache_dir, *shape)))
     for part in ("params", "opt_state"):
         held = collections.Counter()
@@ -150,6 +154,10 @@ def test_plan_bytes_are_the_bytes_each_device_holds(runs, tmp_path, cache_dir, s
             for shard in array.addressable_shards:
                 held[shard.device] += shard.data.nbytes
         assert set(held.values()) == {planned[part]}, part
+    # ... and XLA's compiled step takes that state as its (donated) arguments: within 5%.
+    assert xla["state"] == pytest.approx(planned["params"] + planned["opt_state"], rel=0.05)
+    assert xla["alias"] == pytest.approx(xla["state"], rel=0.05)
+    assert xla["total"] > xla["state"]
 
 
 def test_sharded_init_never_holds_the_whole_model(tmp_path, cache_dir):
