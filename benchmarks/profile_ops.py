@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--width", type=int, default=160, help="characters of HLO per line")
     args = parser.parse_args()
     cfg = config.load(args.config, args.overrides)
     setup = train.build(cfg, jax.devices()[:1])
@@ -60,10 +61,20 @@ def main() -> None:
                 totals[event.name] += event.duration_ns
                 counts[event.name] += 1
     print(f"step {step_ms:.0f} ms (traced, {args.steps} steps); trace {trace}", file=sys.stderr)
-    print(f"{'ms/step':>9} {'%step':>6} {'calls':>6}  name")
+    # The optimised HLO says what each named instruction is: its shape and operands.
+    hlo = {}
+    for line in compiled.as_text().splitlines():
+        line = line.strip().removeprefix("ROOT ")
+        if line.startswith("%") and " = " in line:
+            name, rest = line[1:].split(" = ", 1)
+            hlo.setdefault(name, rest)
+    print(f"{'ms/step':>9} {'%step':>6} {'calls':>6}  name: HLO")
     for name, ns in totals.most_common(args.top):
         ms = ns / 1e6 / args.steps
-        print(f"{ms:9.1f} {100 * ms / step_ms:6.1f} {counts[name] // args.steps:6d}  {name[:90]}")
+        what = hlo.get(name, "")[: args.width]
+        print(
+            f"{ms:9.1f} {100 * ms / step_ms:6.1f} {counts[name] // args.steps:6d}  {name}: {what}"
+        )
 
 
 if __name__ == "__main__":

@@ -113,11 +113,13 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
             state, stats = compiled(state, batches[(k + 1) % len(batches)])
         jax.block_until_ready((state, stats))
         times = []
+        cpu_begin = time.process_time()
         for k in range(steps):
             begin = time.perf_counter()
             state, stats = compiled(state, batches[(k + warmup + 1) % len(batches)])
             jax.block_until_ready((state, stats))
             times.append(time.perf_counter() - begin)
+        cpu_per_step = (time.process_time() - cpu_begin) / steps
     except Exception as error:  # noqa: BLE001 - only out-of-memory is reported, not raised
         if not is_out_of_memory(error):
             raise
@@ -147,6 +149,7 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
             "step_time_median_s": step_s,
             "step_time_min_s": min(times),
             "step_time_max_s": max(times),
+            "process_cpu_s_per_step": cpu_per_step,  # all threads; on a busy machine ~ work
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / len(devices),
             "flops_per_token": flops_token,

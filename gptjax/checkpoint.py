@@ -129,7 +129,12 @@ class Checkpointer:
                 while target.exists():
                     n += 1
                     target = self.directory / f"{step}.unreadable{n}"
-                source.rename(target)
+                try:
+                    source.rename(target)
+                except OSError as error:  # it would block saving that step again
+                    raise CheckpointError(
+                        f"cannot move the unreadable checkpoint {source} aside: {error.strerror}"
+                    ) from None
                 log.warning("moved the unreadable checkpoint %s to %s", source, target.name)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -159,17 +164,25 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     from gptjax import generate  # the inference loader; import here to keep this module light
 
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; choose a new --out directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new --out")
     if step is None and (run_dir / "config.yaml").is_file():  # record which step "newest" was
         reader = Checkpointer(run_dir, async_save=False, read_only=True)
         step = reader.latest_step()
         reader.close()
     setup, params, _ = generate.load_run(run_dir, step)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create {out}: {error.strerror}") from None
+    # f32 for any float (bfloat16 parameters would need ml_dtypes to load)
+    arrays = {
+        name: a.astype(np.float32) if jax.dtypes.issubdtype(a.dtype, np.floating) else a
+        for name, a in flatten(params).items()
+    }
     scratch = out / ".params.npz.tmp"
     with open(scratch, "wb") as file:
-        np.savez(file, **flatten(params))
+        np.savez(file, **arrays)
     scratch.rename(out / "params.npz")
     shutil.copy(run_dir / "tokenizer.model", out / "tokenizer.model")
     (out / "config.yaml").write_text(setup.cfg.to_yaml())

@@ -452,12 +452,12 @@ def _train(cfg: Config, progress: bool) -> dict[str, Any]:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
     finally:
-        guard.uninstall()
         if bar is not None:
             bar.close()
         batches.close()
         monitor.close()
         ckpt.close()  # waits for an asynchronous save in flight
+        guard.uninstall()  # only now: a stop signal must not cut that save short
         writer.close()
     last["final_step"] = int(jax.device_get(state["step"]))
     return last

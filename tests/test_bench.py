@@ -32,6 +32,7 @@ BENCH_FIELDS = {
     "step_time_median_s": float,
     "step_time_min_s": float,
     "step_time_max_s": float,
+    "process_cpu_s_per_step": float,
     "tokens_per_s": float,
     "tokens_per_s_per_device": float,
     "flops_per_token": float,

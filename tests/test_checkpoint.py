@@ -195,12 +195,31 @@ def test_resume_on_other_meshes_and_process_counts(reference, tmp_path, cache_di
 # --- stop signals and kill -9 -----------------------------------------------------------------
 
 
+# Test-only: at most 10 batches a second, so that a fast machine cannot finish all 20 steps
+# between the test seeing step 3 and its signal (the numbers are unchanged).
+SLOW_DATA = """
+import sys, time
+from gptjax.data import pipeline
+
+rows = pipeline.Dataset.train_rows
+
+def slow_rows(self, *args):
+    time.sleep(0.1)
+    return rows(self, *args)
+
+pipeline.Dataset.train_rows = slow_rows
+from gptjax.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(reference, tmp_path, cache_dir):
     _, expected = reference
     run = tmp_path / "run"
     log = tmp_path / "train"
-    process = start(run, cache_dir, *MESH_222, "checkpoint.every=0", log=log)
+    argv = [sys.executable, "-c", SLOW_DATA, CONFIG]
+    process = start(run, cache_dir, *MESH_222, "checkpoint.every=0", log=log, argv=argv)
     metrics = run / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and len(losses(run)) >= 3, process, 300, "step 3")
     # Freeze it, so the signal lands mid-run however fast the steps are; it is handled on SIGCONT.
@@ -454,7 +473,7 @@ def test_export_writes_the_checkpoint_parameters(reference, tmp_path, cache_dir,
 
     capsys.readouterr()
     assert cli.main(["export", str(run), "--out", str(out)]) == 2  # not empty: nothing lost
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "exists and is not an empty directory" in capsys.readouterr().err
     assert cli.main(["export", str(run), "--step", "7", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"gptjax: error: no checkpoint for step 7 in {run}/checkpoints"

@@ -60,8 +60,8 @@ def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, cache_dir):
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
     assert set(evals[12]) >= {"eval_loss", "eval_bpb"}
 
-    stopped = tiny_config(tmp_path / "resumed", cache_dir, *overrides[:-1], "train.steps=6")
-    train.train(stopped, progress=False)
+    stopped = tiny_config(tmp_path / "resumed", cache_dir, *overrides, "train.stop_at=6")
+    assert train.train(stopped, progress=False)["final_step"] == 6
     resumed = tiny_config(tmp_path / "resumed", cache_dir, *overrides)
     train.train(resumed, progress=False)
     again, _ = read_metrics(tmp_path / "resumed")
