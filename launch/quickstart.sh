@@ -2,13 +2,7 @@
 # Fresh machine -> venv -> trains configs/quickstart.yaml on the standard library on CPU -> samples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${GPTJAX_VENV:-.venv}
-PYTHON=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e .
+. launch/_venv.sh ""
 RUN_DIR=${RUN_DIR:-runs/quickstart}
 start=$(date +%s)
 "$VENV/bin/gptjax" train configs/quickstart.yaml run_dir="$RUN_DIR" "$@"
