@@ -23,6 +23,31 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); the message is one line."""
 
 
+class NonFiniteSteps:
+    """Counts steps whose update was skipped for a non-finite loss or gradient; too many in a
+    row (`train.max_bad_steps`) end the run with a TrainingError."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+
+    def update(self, step: int, skipped: bool) -> list[str]:
+        """Record `step`; returns the lines to tell the user."""
+        if not skipped:
+            self.in_a_row = 0
+            return []
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingError(
+                f"{self.in_a_row} steps in a row (to step {step}) had a non-finite loss or "
+                "gradient; stopping. The last checkpoint holds finite weights: lower optim.lr "
+                "or check the data"
+            )
+        return [f"gptjax: step {step}: non-finite loss or gradient, update skipped"]
+
+
 class PreemptionGuard:
     """Context manager; `should_stop(step)` is True once any process got a stop signal."""
 

@@ -1,9 +1,10 @@
-"""FLOPs, MFU and the metrics sinks (metrics.jsonl and TensorBoard, process 0 only)."""
+"""FLOPs, MFU and the metrics sinks: metrics.jsonl, TensorBoard and the progress bar (process 0)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,80 @@ class MetricsWriter:
         if self.enabled:
             self.file.close()
             self.tensorboard.close()
+
+
+class StepLogger:
+    """Turns each step's numbers into metrics lines, with tokens/s and MFU over a log window.
+
+    `train(step, record)` is called once per step (after the step's numbers are read, one step
+    late); every `log_every` steps it writes a line with the window's tokens/s and MFU.
+    `restart_window()` leaves compilation, evaluation and checkpoints out of the throughput.
+    """
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        *,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops: float,
+        log_every: int,
+        total_steps: int,
+        start_step: int,
+        progress: bool,
+    ):
+        self.writer = writer
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.log_every = log_every
+        self.total_steps = total_steps
+        self.last: dict[str, Any] = {}
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.restart_window()
+
+    def restart_window(self) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def dispatched(self) -> None:
+        """One more step is on its way (advances the progress bar)."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def train(self, step: int, record: dict[str, Any]) -> None:
+        self.window_steps += 1
+        record = {"step": step, **record}
+        if step % self.log_every == 0 or step == self.total_steps:
+            elapsed = time.perf_counter() - self.window_start
+            tokens_per_s = self.window_steps * self.tokens_per_step / elapsed
+            record["tokens_per_s"] = tokens_per_s
+            record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+            self.writer.write(record)
+            self.restart_window()
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        self.last.update(record)
+
+    def eval(self, step: int, result: dict[str, float]) -> None:
+        self.writer.write({"step": step, **result})
+        self.last.update(result)
+        self.say(f"step {step}: eval loss {result['eval_loss']:.4f}, bpb {result['eval_bpb']:.4f}")
+        self.restart_window()
+
+    def say(self, message: str) -> None:
+        """A line for the user (above the progress bar), process 0 only."""
+        if not self.writer.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()

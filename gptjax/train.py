@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from gptjax import loss as vocab_loss
 from gptjax.config import Config, ConfigError, shape_keys
 from gptjax.data import Dataset, load_dataset
 from gptjax.data import loader as data_loader
-from gptjax.faults import PreemptionGuard, TrainingError
+from gptjax.faults import NonFiniteSteps, PreemptionGuard
 
 
 @dataclass
@@ -313,6 +312,28 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         return _train(cfg, progress)
 
 
+class Profiler:
+    """`train.profile_steps=[a, b]`: a JAX profiler trace of steps a..b into run_dir/profile."""
+
+    def __init__(self, steps: list[int] | None, directory: Path):
+        self.steps, self.directory, self.tracing = steps, directory, False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, step: int, state) -> None:
+        if self.tracing and step == self.steps[1]:
+            self.close(state)
+
+    def close(self, state) -> None:
+        if self.tracing:  # also when the run ends inside the profiled steps
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
 def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     setup = build(cfg, debug.devices(cfg))  # config/mesh errors first, before touching the disk
     run_dir = prepare_run_dir(cfg)
@@ -340,15 +361,18 @@ def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     train_step = monitor.wrap(make_train_step(setup))
     eval_step = monitor.wrap(make_eval_step(setup, data.token_bytes), "eval")
 
-    B, T = cfg.train.batch_size, cfg.model.seq_len
-    flops_token = metrics.flops_per_token(cfg.model)
-    peak, _ = metrics.peak_flops(list(setup.mesh.devices.flat))
-    writer = metrics.MetricsWriter(run_dir, enabled=lead)
-    bar = None
-    if progress and lead:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+    B = cfg.train.batch_size
+    log = metrics.StepLogger(
+        metrics.MetricsWriter(run_dir, enabled=lead),
+        tokens_per_step=B * cfg.model.seq_len,
+        flops_per_token=metrics.flops_per_token(cfg.model),
+        peak_flops=metrics.peak_flops(list(setup.mesh.devices.flat))[0],
+        log_every=cfg.train.log_every,
+        total_steps=cfg.train.steps,
+        start_step=start,
+        progress=progress and lead,
+    )
+    bad_steps = NonFiniteSteps(cfg.train.max_bad_steps)
 
     def batch_for(step):
         return global_batch(setup, lambda a, b: data.train_rows(cfg.seed, step, B, a, b), B)
@@ -356,108 +380,59 @@ def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     # Steps step+1 .. step+prefetch are read and transferred while step `step` runs.
     batches = data_loader.Prefetcher(batch_for, cfg.data.prefetch, stop=cfg.train.steps)
 
-    last: dict[str, Any] = {}
-    bad_in_a_row, bad_total = 0, 0
-    pending = None  # (step, stats) of the step dispatched before the current one
-    window_start, window_steps = time.perf_counter(), 0
-
     def report(step, stats):
-        nonlocal window_start, window_steps, bad_in_a_row, bad_total
-        record = {"step": step, **{k: float(v) for k, v in stats.items()}}
-        window_steps += 1
-        if record.pop("skipped"):
-            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-            if lead:
-                print(
-                    f"gptjax: step {step}: non-finite loss or gradient, update skipped",
-                    file=sys.stderr,
-                )
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise TrainingError(
-                    f"{bad_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
-                    "gradient; stopping. The last checkpoint holds finite weights: lower "
-                    "optim.lr or check the data"
-                )
-        else:
-            bad_in_a_row = 0
-        record["bad_steps"] = bad_total
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * B * T / elapsed
-            record["tokens_per_s"] = tokens_per_s
-            record["mfu"] = tokens_per_s * flops_token / peak
-            writer.write(record)
-            window_start, window_steps = time.perf_counter(), 0
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        last.update(record)
+        """Log a step's numbers (read one step late, so the device never waits on the host)."""
+        record = {k: float(v) for k, v in stats.items()}
+        for line in bad_steps.update(step, bool(record.pop("skipped"))):
+            log.say(line)
+        log.train(step, {**record, "bad_steps": bad_steps.total})
 
-    profile = cfg.train.profile_steps  # [first, last], numbered like metrics.jsonl steps
-    tracing = False
+    profiler = Profiler(cfg.train.profile_steps, run_dir / "profile")
     guard = PreemptionGuard(sync_every=cfg.train.log_every)
+    pending = None  # (step, stats) of the step dispatched before the current one
     try:
         guard.install()
         # train.stop_at: end early (with a checkpoint) on the schedule of all train.steps
         end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
         for step in range(start, end):
+            done = step + 1  # steps are numbered by the updates completed, as in metrics.jsonl
             monitor.begin(step)
-            if profile and step + 1 == profile[0]:
-                jax.profiler.start_trace(str(run_dir / "profile"))
-                tracing = True
+            profiler.before(done)
             state, stats = train_step(state, batches.get(step))
             if step == start:  # the first call compiled synchronously: keep that out of tokens/s
-                window_start = time.perf_counter()
-            if tracing and step + 1 == profile[1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                tracing = False
+                log.restart_window()
+            profiler.after(done, state)
             if pending is not None:  # read step n-1's numbers while step n runs
                 report(*pending)
-            pending = (step + 1, stats)
-            if bar is not None:
-                bar.update(1)
-            done = step + 1
+            pending = (done, stats)
+            log.dispatched()
             is_last = done == cfg.train.steps
             if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last:
                 report(*pending)
                 pending = None
-                result = evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps)
-                writer.write({"step": done, **result})
-                last.update(result)
-                if bar is not None:
-                    bar.write(
-                        f"step {done}: eval loss {result['eval_loss']:.4f}, "
-                        f"bpb {result['eval_bpb']:.4f}"
-                    )
-                window_start, window_steps = time.perf_counter(), 0
+                log.eval(
+                    done, evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps)
+                )
             stop = guard.should_stop(done) or done == cfg.train.stop_at
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
                 ckpt.save(done, state, cfg.to_dict())
             if stop:
-                if pending is not None:
-                    report(*pending)
-                    pending = None
                 ckpt.wait()
-                if lead:
-                    print(
-                        f"gptjax: stopped at step {done}; checkpoint saved, run the same command "
-                        "to resume",
-                        file=sys.stderr,
-                    )
-                last["preempted"] = True
+                log.say(
+                    f"gptjax: stopped at step {done}; checkpoint saved, run the same command "
+                    "to resume"
+                )
+                log.last["preempted"] = True
                 break
         if pending is not None:
             report(*pending)
-        if tracing:  # the run ended inside the profiled steps
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
+        profiler.close(state)
     finally:
-        if bar is not None:
-            bar.close()
         batches.close()
         monitor.close()
         ckpt.close()  # waits for an asynchronous save in flight
         guard.uninstall()  # only now: a stop signal must not cut that save short
-        writer.close()
+        log.close()
+    last = log.last
     last["final_step"] = int(jax.device_get(state["step"]))
     return last
