@@ -7,6 +7,8 @@ slows them alike; the ratio is taken within each round, then the median over rou
 
     python benchmarks/side_by_side.py configs/quickstart.yaml --rounds 3 --steps 10 --warmup 3
     python benchmarks/side_by_side.py configs/quickstart.yaml --torch-bf16 model.n_layer=2
+    python benchmarks/side_by_side.py configs/quickstart.yaml \
+        --gptjax-variant noremat=model.remat=none --rounds 3 --steps 8
 
 Prints each run's JSON line to stderr and one summary JSON line to stdout.
 """
@@ -42,8 +44,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--torch-bf16", action="store_true", help="also PyTorch bf16 autocast")
-    parser.add_argument("--gptjax-overrides", nargs="*", default=[], help="gptjax only")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--gptjax-variant",
+        action="append",
+        default=[],
+        help="NAME=OVERRIDES: one more gptjax contender, e.g. noremat='model.remat=none'",
+    )
+    args = parser.parse_intermixed_args()
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     flags = env.get("XLA_FLAGS", "").split()
@@ -51,10 +58,13 @@ def main() -> None:
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     contenders = {
         "gptjax_f32": [sys.executable, "-m", "gptjax", "bench", args.config, *args.overrides]
-        + ["model.dtype=float32", *args.gptjax_overrides, *timing],
+        + ["model.dtype=float32", *timing],
         "torch_f32": [sys.executable, "benchmarks/torch_gpt.py", args.config, *args.overrides]
         + ["model.dtype=float32", "--threads", str(args.threads), *timing],
     }
+    for item in args.gptjax_variant:
+        name, _, overrides = item.partition("=")
+        contenders[f"gptjax_f32_{name}"] = [*contenders["gptjax_f32"], *overrides.split()]
     if args.torch_bf16:
         contenders["torch_bf16"] = [*contenders["torch_f32"], "--dtype", "bfloat16"]
 
@@ -73,6 +83,11 @@ def main() -> None:
         "gptjax_f32_over_torch_f32_per_round": ratios,
         "gptjax_f32_over_torch_f32": statistics.median(ratios),
     }
+    for name in rates:
+        if name.startswith("gptjax_f32_"):
+            summary[f"{name}_over_torch_f32"] = statistics.median(
+                j / t for j, t in zip(rates[name], rates["torch_f32"], strict=True)
+            )
     if args.torch_bf16:
         summary["gptjax_f32_over_torch_bf16"] = statistics.median(
             j / t for j, t in zip(rates["gptjax_f32"], rates["torch_bf16"], strict=True)

@@ -1,11 +1,11 @@
 """A/B speed of `gptjax bench` variants on this CPU: config overrides and/or XLA:CPU flags.
 
 Each variant runs in a fresh process (XLA reads its flags once); variants are interleaved over
-rounds so a busy machine slows them alike, and each is reported relative to the first variant
-measured in the same round (median over rounds), both as tokens/s (wall clock) and as process CPU
-seconds per step (all threads), which is far steadier than wall time when other work shares the
-cores. A variant is NAME=SPEC; SPEC's words starting with `--xla` go to XLA_FLAGS, the rest are
-config overrides.
+rounds, in rotated order, so a busy machine slows them alike. Each is reported relative to the
+first variant measured in the same round (median over rounds), both as tokens/s (wall clock) and
+as process CPU seconds per step (all threads), which is steadier than wall time when other work
+shares the cores. A variant is NAME=SPEC; SPEC's words starting with `--xla` go to XLA_FLAGS,
+the rest are config overrides.
 
     python benchmarks/variants.py configs/quickstart.yaml --rounds 3 --steps 3 \\
         base= unrolled=model.scan_layers=false chunked=model.loss_chunk=64
@@ -67,8 +67,9 @@ def main() -> None:
     names = list(variants)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for name in names:
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)  # rotate the order: no variant always runs first
+        for name in names[shift:] + names[:shift]:
             report = run_variant(args.config, args.common, variants[name], args.steps, args.warmup)
             if "error" in report:
                 print(f"{name}: failed: {report['error']}", file=sys.stderr, flush=True)

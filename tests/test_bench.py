@@ -109,26 +109,14 @@ def test_bench_prints_every_field(cache_dir):
     assert 0 < report["loss"] < 2 * math.log(512)  # uniform random tokens: loss near ln V
 
 
-def test_bench_batch_sizes_one_line_each_with_remat_and_chunked_loss(capsys):
-    code = cli.main(
-        [
-            "bench",
-            str(ROOT / "configs" / "debug.yaml"),
-            "model.remat=full",
-            "model.loss_chunk=16",
-            "--batch-sizes",
-            "8,16",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-        ]
-    )
+def test_bench_batch_sizes_one_line_each_with_chunked_loss(capsys):
+    argv = ["bench", str(ROOT / "configs" / "debug.yaml"), "model.loss_chunk=16"]
+    code = cli.main([*argv, "--batch-sizes", "8,16", "--steps", "1", "--warmup", "0"])
     assert code == 0
     reports = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["batch_size"] for r in reports] == [8, 16]
     assert [r["tokens_per_step"] for r in reports] == [8 * 64, 16 * 64]
-    assert all(r["remat"] == "full" and r["loss_chunk"] == 16 for r in reports)
+    assert all(r["loss_chunk"] == 16 and "error" not in r for r in reports)
 
 
 @pytest.mark.parametrize(
@@ -162,3 +150,13 @@ def test_out_of_memory_is_recognised():
     error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
     assert bench.is_out_of_memory(error)
     assert not bench.is_out_of_memory(ValueError("shapes do not match"))
+
+
+def test_bench_on_real_batches(tmp_path, cache_dir, capsys):
+    """--data real: batches from the config's corpus (the cached stdlib tokens)."""
+    argv = ["bench", str(ROOT / "configs" / "debug.yaml"), f"run_dir={tmp_path}"]
+    argv += [f"data.cache_dir={cache_dir}", "--data", "real", "--steps", "1", "--warmup", "0"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"] == "real"
+    assert 0 < report["loss"] < 2 * math.log(512)
