@@ -20,7 +20,7 @@ import numpy as np
 from gptjax import metrics, model, train
 from gptjax.config import Config
 
-FLOPS_FORMULA = "6N+12LHQT (PaLM B)"
+FLOPS_FORMULA = metrics.FLOPS_FORMULA
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 
 

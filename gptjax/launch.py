@@ -202,9 +202,9 @@ def run(specs: Sequence[ProcessSpec], grace: float = 5.0, poll: float = 0.1) -> 
             pump.join(timeout=2)
     if failed is not None:
         return _exit_code(failed[1])
-    if interrupted:
+    if interrupted and any(process.returncode != 0 for process in processes):
         return 128 + interrupted[0]
-    return 0
+    return 0  # finished, or stopped cleanly by a signal (every process checkpointed, exit 0)
 
 
 def _start(spec: ProcessSpec, prefix: str, lock: threading.Lock, pumps: list) -> subprocess.Popen:

@@ -46,6 +46,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+FLOPS_FORMULA = "6N + 12LHQT (PaLM appendix B; N without position embeddings)"
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, PaLM appendix B: 6·N + 12·L·H·Q·T.
 

@@ -30,7 +30,7 @@ from gptjax import metrics, train
 from gptjax.config import Config, ConfigError
 
 GiB = 2**30
-FLOPS_FORMULA = "6*N + 12*L*H*Q*T (PaLM appendix B; N excludes position embeddings)"
+FLOPS_FORMULA = metrics.FLOPS_FORMULA
 
 
 # --- devices ----------------------------------------------------------------------------------

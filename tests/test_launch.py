@@ -245,6 +245,6 @@ def test_a_signal_to_the_launcher_is_passed_on(tmp_path):
     finally:
         process.kill()
     output = log.read_text()
-    assert code == 128 + signal.SIGTERM
+    assert code == 0  # every process saved and exited 0: a clean stop, as gptjax's own
     assert "[rank 0] checkpoint saved" in output and "[rank 1] checkpoint saved" in output
     assert all(group_is_gone(pid) for pid in child_pids(log))
