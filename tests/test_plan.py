@@ -108,7 +108,7 @@ def test_plan_text_with_param_table(tmp_path, cache_dir, capsys):
     path.write_text(tiny(tmp_path, cache_dir).to_yaml())
     assert cli.main(["plan", str(path), "mesh.tensor=8", "--devices", "8", "--params"]) == 0
     out = capsys.readouterr().out
-    assert "XLA:CPU compiled" in out and "6*N + 12*L*H*Q*T" in out
+    assert "XLA:CPU compiled" in out and "6N + 12LHQT (PaLM appendix B" in out
     rows = {
         line.split()[0]: line.split() for line in out.splitlines() if line.startswith("blocks.")
     }
