@@ -23,7 +23,7 @@ done
 import json, sys
 from pathlib import Path
 from gptjax import config, metrics
-print(f"{'run':<22}{'params':>12}{'non-emb':>12}{'tokens':>12}{'PFLOP':>8}{'eval loss':>11}{'bpb':>8}")
+print(f"{'run':<22}{'params':>12}{'non-emb':>12}{'tokens':>12}{'FLOPs':>10}{'eval loss':>11}{'bpb':>8}")
 for run in sys.argv[1:]:
     cfg = config.load(Path(run, "config.yaml"))
     counts = metrics.param_counts(cfg.model)
@@ -32,5 +32,5 @@ for run in sys.argv[1:]:
     lines = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
     last = [r for r in lines if "eval_loss" in r][-1]
     print(f"{run:<22}{counts['params']:>12,}{counts['non_embedding_params']:>12,}{tokens:>12,}"
-          f"{flops / 1e15:>8.2f}{last['eval_loss']:>11.4f}{last['eval_bpb']:>8.4f}")
+          f"{flops:>10.2e}{last['eval_loss']:>11.4f}{last['eval_bpb']:>8.4f}")
 PY
