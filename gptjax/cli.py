@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from gptjax.checkpoint import CheckpointError
 from gptjax.config import ConfigError
@@ -73,7 +74,7 @@ def _eval(args) -> int:
 
     setup, params, _ = generate.load_run(args.run_dir, args.step)
     cfg = setup.cfg
-    data = train.load_data(cfg, __import__("pathlib").Path(args.run_dir))
+    data = train.load_data(cfg, Path(args.run_dir))
     eval_step = train.make_eval_step(setup, data.token_bytes)
     n_batches = args.batches or max(1, len(data.val) // cfg.train.batch_size)
     result = train.evaluate(setup, eval_step, params, data, n_batches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,15 @@ def filter_logits(logits_V, temperature: float, top_k: int, top_p: float, vocab:
     return logits
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "temperature", "top_k", "top_p"))
+def _next_token(params, window_T, position, key, *, graphdef, vocab, temperature, top_k, top_p):
+    """The next token after `window_T[position]`; compiled once per model and settings."""
+    logits = nnx.merge(graphdef, params)(window_T[None])[0, position]
+    if temperature <= 0:  # greedy
+        return jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf))
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, vocab))
+
+
 def sample(
     setup: train.Setup,
     params: Any,
@@ -61,16 +71,13 @@ def sample(
 ) -> str:
     """Continue `prompt`; the context is the last seq_len tokens (fixed shape: one compile)."""
     T = setup.cfg.model.seq_len
-    vocab = tokenizer.vocab_size
-    graphdef = setup.graphdef
-
-    @jax.jit
-    def next_token(params, window_T, position, key):
-        logits = nnx.merge(graphdef, params)(window_T[None])[0, position]
-        if temperature <= 0:
-            return jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf))
-        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, vocab))
-
+    settings = dict(
+        graphdef=setup.graphdef,
+        vocab=tokenizer.vocab_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
     ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
     key = jax.random.key(seed)
     new: list[int] = []
@@ -79,7 +86,7 @@ def sample(
         window = np.zeros(T, np.int32)
         window[: len(context)] = context
         key, sub = jax.random.split(key)
-        token = int(next_token(params, window, len(context) - 1, sub))
+        token = int(_next_token(params, window, len(context) - 1, sub, **settings))
         if stop_at_eod and token == tokenizer.eod_id:
             break
         new.append(token)

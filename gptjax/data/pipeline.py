@@ -271,9 +271,6 @@ class Dataset:
         index = eval_step * batch_size + np.arange(start, stop)
         return self.val.read(index % len(self.val))
 
-    def bytes_of(self, targets: np.ndarray) -> int:
-        return int(self.token_bytes[targets].sum())
-
 
 def load_dataset(
     cfg: DataConfig,
