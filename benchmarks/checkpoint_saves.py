@@ -26,7 +26,7 @@ import jax
 
 jax.config.update("jax_platforms", "cpu")
 
-from gptjax import checkpoint, config, train  # noqa: E402
+from gptjax import checkpoint, config, steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,8 @@ def main() -> None:
 
     fixed = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "model.param_dtype=float32"]
     cfg = config.load(args.config, [*args.overrides, *fixed])
-    setup = train.build(cfg, jax.devices()[:1])
-    state = train.init_state(setup)
+    setup = steps.build(cfg, jax.devices()[:1])
+    state = steps.init_state(setup)
     # Adam's moments start at zero, which compresses to nothing; after training they are dense.
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state["opt_state"]))))
     state["opt_state"] = jax.tree.map(

@@ -23,7 +23,7 @@ os.environ["XLA_FLAGS"] = (
 
 import jax  # noqa: E402
 
-from gptjax import bench, config, train  # noqa: E402
+from gptjax import bench, config, steps  # noqa: E402
 
 
 def main() -> None:
@@ -35,10 +35,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=160, help="characters of HLO per line")
     args = parser.parse_args()
     cfg = config.load(args.config, args.overrides)
-    setup = train.build(cfg, jax.devices()[:1])
-    state = train.init_state(setup)
+    setup = steps.build(cfg, jax.devices()[:1])
+    state = steps.init_state(setup)
     batch = bench.make_batches(setup, 1, "synthetic")[0]
-    step = train.make_train_step(setup)
+    step = steps.make_train_step(setup)
     with setup.activate():
         compiled = step.jitted.lower(state, batch).compile()
     for _ in range(2):

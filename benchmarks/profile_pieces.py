@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import bench, config, loss, model, train
+from gptjax import bench, config, loss, model, steps
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -52,10 +52,10 @@ def main() -> None:
         m.n_layer,
     )
     dt = jnp.dtype(m.dtype)
-    setup = train.build(cfg, jax.devices()[:1])
-    state = train.init_state(setup)
+    setup = steps.build(cfg, jax.devices()[:1])
+    state = steps.init_state(setup)
     params = state["params"]
-    tokens = jnp.asarray(bench.synthetic_rows(cfg, 0, 0, B))
+    batch = {k: jnp.asarray(v) for k, v in bench.synthetic_rows(cfg, 0, 0, B).items()}
     keys = jax.random.split(jax.random.key(0), 4)
     h = jax.random.normal(keys[0], (B, T, D), dt)
     q, k, v = (jax.random.normal(kk, (B, T, N, H), dt) for kk in keys[1:])
@@ -70,16 +70,16 @@ def main() -> None:
     layer_flops = 2 * tok * (D * 3 * D + D * D + 2 * D * F) + 4 * B * N * T * T * H
     head_flops = 2 * tok * D * V
 
-    step = train.make_train_step(setup)
+    step = steps.make_train_step(setup)
     with setup.activate():
-        compiled = step.jitted.lower(state, tokens).compile()
+        compiled = step.jitted.lower(state, batch).compile()
     fresh = lambda: jax.tree.map(jnp.copy, state)
     times = []
     for _ in range(r + 1):
         s = fresh()
         jax.block_until_ready(s)
         begin = time.perf_counter()
-        jax.block_until_ready(compiled(s, tokens))
+        jax.block_until_ready(compiled(s, batch))
         times.append(time.perf_counter() - begin)
     add("train_step", statistics.median(times[1:]), 3 * (L * layer_flops + head_flops))
 
@@ -88,7 +88,7 @@ def main() -> None:
     def blocks_loss(p):
         from flax import nnx
 
-        return nnx.merge(gpt_graph, p).hidden(tokens[:, :-1]).astype(jnp.float32).sum()
+        return nnx.merge(gpt_graph, p).hidden(batch["inputs"]).astype(jnp.float32).sum()
 
     add(
         "blocks_fwd_bwd",
@@ -97,7 +97,7 @@ def main() -> None:
     )
 
     w = params["wte"]
-    targets = tokens[:, 1:]
+    targets = batch["targets"]
     for chunk in (0, 64):
         if chunk >= T:
             continue

@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,6 +88,11 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.T
 
 
+def windows(batch):
+    """The [B, T+1] token windows a batch dict was cut from (inputs plus the last target)."""
+    return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
 def make_trainer(cfg: config.Config, dtype: str):
     """A closure that runs one training step on tokens [B, T+1] (int64) and returns the loss."""
     torch.manual_seed(cfg.seed)
@@ -121,7 +127,7 @@ def run(cfg: config.Config, steps: int, warmup: int, dtype: str, threads: int) -
     torch.set_flush_denormal(True)
     step, n_params = make_trainer(cfg, dtype)
     batches = [
-        torch.from_numpy(bench.synthetic_rows(cfg, s, 0, cfg.train.batch_size)).long()
+        torch.from_numpy(windows(bench.synthetic_rows(cfg, s, 0, cfg.train.batch_size))).long()
         for s in range(4)
     ]
     for k in range(warmup):

@@ -17,31 +17,33 @@ from typing import Any
 import jax
 import numpy as np
 
-from gptjax import metrics, model, train
+from gptjax import metrics, model, runs, steps
 from gptjax.config import Config
+from gptjax.data import batch as batch_module
 
 FLOPS_FORMULA = metrics.FLOPS_FORMULA
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 
 
-def synthetic_rows(cfg: Config, step: int, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a uniform-random global batch [batch, seq + 1] (int32) for `step`."""
+def synthetic_rows(cfg: Config, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows [start, stop) of a uniform-random global batch (a batch dict) for `step`."""
     rng = np.random.default_rng((cfg.seed, step))
     shape = (cfg.train.batch_size, cfg.model.seq_len + 1)
-    return rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32)[start:stop]
+    windows = rng.integers(0, cfg.model.vocab, shape, dtype=np.int32)[start:stop]
+    return batch_module.from_windows(windows, eod_id=0, packing=cfg.data.packing)
 
 
-def make_batches(setup: train.Setup, n: int, data: str) -> list[jax.Array]:
-    """`n` distinct global batches [batch, seq + 1], synthetic or from the config's corpus."""
+def make_batches(setup: steps.Setup, n: int, data: str) -> list[dict[str, jax.Array]]:
+    """`n` distinct global batches, synthetic or from the config's corpus."""
     cfg, B = setup.cfg, setup.cfg.train.batch_size
     if data == "synthetic":
         rows = lambda step: lambda a, b: synthetic_rows(cfg, step, a, b)
     else:
         from pathlib import Path
 
-        dataset = train.load_data(cfg, Path(cfg.run_dir))
-        rows = lambda step: lambda a, b: dataset.train_rows(cfg.seed, step, B, a, b)
-    return [train.global_batch(setup, rows(step), B) for step in range(n)]
+        dataset = runs.load_data(cfg, Path(cfg.run_dir))
+        rows = lambda step: lambda a, b: dataset.train_batch(cfg.seed, step, B, a, b)
+    return [steps.global_batch(setup, rows(step), B) for step in range(n)]
 
 
 def memory_report(devices: list[jax.Device]) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
     """
     if steps < 1 or warmup < 0:
         raise ValueError("bench needs steps >= 1 and warmup >= 0")
-    setup = train.build(cfg)
+    setup = steps.build(cfg)
     devices = list(setup.mesh.devices.flat)
     B, T = cfg.train.batch_size, cfg.model.seq_len
     batches = make_batches(setup, min(steps + warmup, 4), data)
@@ -100,8 +102,8 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
         "data": data,
     }
     try:
-        state = train.init_state(setup)
-        step_fn = train.make_train_step(setup)
+        state = steps.init_state(setup)
+        step_fn = steps.make_train_step(setup)
         start = time.perf_counter()
         with setup.activate():
             compiled = step_fn.jitted.lower(state, batches[0]).compile()

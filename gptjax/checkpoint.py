@@ -9,14 +9,11 @@ any number of processes. Each step also stores the resolved config as JSON.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("gptjax")
@@ -148,44 +145,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def flatten(params: Any) -> dict[str, np.ndarray]:
-    """{"blocks.qkv_w": array, ...}: the parameter tree as dotted names."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = ".".join(str(getattr(key, "key", key)) for key in path)
-        out[name] = np.asarray(jax.device_get(leaf))
-    return out
-
-
-def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """Consolidated parameters (params.npz, f32, dotted names) + config.yaml + tokenizer.model."""
-    from gptjax import generate  # the inference loader; import here to keep this module light
-
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new --out")
-    if step is None and (run_dir / "config.yaml").is_file():  # record which step "newest" was
-        reader = Checkpointer(run_dir, async_save=False, read_only=True)
-        step = reader.latest_step()
-        reader.close()
-    setup, params, _ = generate.load_run(run_dir, step)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CheckpointError(f"cannot create {out}: {error.strerror}") from None
-    # f32 for any float (bfloat16 parameters would need ml_dtypes to load)
-    arrays = {
-        name: a.astype(np.float32) if jax.dtypes.issubdtype(a.dtype, np.floating) else a
-        for name, a in flatten(params).items()
-    }
-    scratch = out / ".params.npz.tmp"
-    with open(scratch, "wb") as file:
-        np.savez(file, **arrays)
-    scratch.rename(out / "params.npz")
-    shutil.copy(run_dir / "tokenizer.model", out / "tokenizer.model")
-    (out / "config.yaml").write_text(setup.cfg.to_yaml())
-    meta = {"step": int(step) if step is not None else None, "source": str(run_dir.absolute())}
-    (out / "export.json").write_text(json.dumps(meta, indent=1))
-    return out

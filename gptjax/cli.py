@@ -48,9 +48,9 @@ def _launch(args) -> int:
 
 
 def _sample(args) -> int:
-    from gptjax import generate
+    from gptjax import generate, runs
 
-    setup, params, tokenizer = generate.load_run(args.run_dir, args.step)
+    setup, params, tokenizer = runs.load_run(args.run_dir, args.step)
     for i in range(args.num_samples):
         text = generate.sample(
             setup,
@@ -70,23 +70,23 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
-    from gptjax import generate, train
+    from gptjax import runs, steps
 
-    setup, params, _ = generate.load_run(args.run_dir, args.step)
+    setup, params, _ = runs.load_run(args.run_dir, args.step)
     cfg = setup.cfg
-    data = train.load_data(cfg, Path(args.run_dir))
-    eval_step = train.make_eval_step(setup, data.token_bytes)
+    data = runs.load_data(cfg, Path(args.run_dir))
+    eval_step = steps.make_eval_step(setup, data.token_bytes)
     n_batches = args.batches or max(1, len(data.val) // cfg.train.batch_size)
-    result = train.evaluate(setup, eval_step, params, data, n_batches)
+    result = steps.evaluate(setup, eval_step, params, data, n_batches)
     result["eval_tokens"] = n_batches * cfg.train.batch_size * cfg.model.seq_len
     print(json.dumps(result))
     return 0
 
 
 def _export(args) -> int:
-    from gptjax import checkpoint
+    from gptjax import runs
 
-    out = checkpoint.export(args.run_dir, args.out, args.step)
+    out = runs.export(args.run_dir, args.out, args.step)
     print(json.dumps({"exported": str(out)}))
     return 0
 

@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override; the message is one line."""
 
 
+# The device mesh, stated once. Axes in order; each `dcn_*` key multiplies the axis it names
+# across hosts (the slower network between them) in a hybrid mesh.
+MESH_AXES = ("data", "fsdp", "tensor")
+DCN_AXES = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -44,6 +50,12 @@ class ModelConfig(_Section):
     loss_chunk: int = Field(
         0, ge=0, description="cross-entropy over chunks of this many positions; 0: all at once"
     )
+    vocab_valid: int | None = Field(
+        None,
+        gt=0,
+        description="ids at or above this are padding (never predicted, no probability); "
+        "default: all of vocab_size",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -54,6 +66,10 @@ class ModelConfig(_Section):
         if self.loss_chunk and self.seq_len % self.loss_chunk:
             raise ValueError(
                 f"model.loss_chunk={self.loss_chunk} does not divide model.seq_len={self.seq_len}"
+            )
+        if self.vocab_valid is not None and self.vocab_valid > self.vocab_size:
+            raise ValueError(
+                f"model.vocab_valid={self.vocab_valid} exceeds model.vocab_size={self.vocab_size}"
             )
         if self.max_positions is not None and self.seq_len > self.max_positions:
             raise ValueError(
@@ -73,6 +89,11 @@ class ModelConfig(_Section):
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    @property
+    def vocab(self) -> int:
+        """Ids that can be predicted (the rest of the table is padding)."""
+        return self.vocab_valid or self.vocab_size
+
 
 class MeshConfig(_Section):
     data: int = -1
@@ -86,16 +107,36 @@ class MeshConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> MeshConfig:
-        for name in ("data", "fsdp", "tensor"):
+        for name in MESH_AXES:
             value = getattr(self, name)
             if value == 0 or value < -1:
                 raise ValueError(f"mesh.{name}={value}: use a positive size or -1 (fill)")
-        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
-            raise ValueError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-        for name in ("dcn_data", "dcn_fsdp"):
+        if [getattr(self, name) for name in MESH_AXES].count(-1) > 1:
+            raise ValueError(f"only one of {', '.join('mesh.' + a for a in MESH_AXES)} may be -1")
+        for name in DCN_AXES.values():
             if getattr(self, name) < 1:
                 raise ValueError(f"mesh.{name}={getattr(self, name)} must be >= 1")
         return self
+
+    def sizes(self) -> dict[str, int]:
+        """{axis: size within a host (-1 fills)} for every mesh axis."""
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+    def dcn(self) -> dict[str, int]:
+        """{axis: number of hosts the axis spans} for every mesh axis (1 for most)."""
+        return {
+            axis: getattr(self, DCN_AXES[axis]) if axis in DCN_AXES else 1 for axis in MESH_AXES
+        }
+
+    def on_local_devices(self) -> MeshConfig:
+        """The same rules on whatever devices one process has: every device on `data`, no
+        multi-host factors (what sample, eval and export use for a run trained on any mesh)."""
+        reset = {axis: 1 for axis in MESH_AXES} | {key: 1 for key in DCN_AXES.values()}
+        return self.model_copy(update={**reset, "data": -1})
+
+    def one_device(self) -> MeshConfig:
+        """One device, one process (debug mode)."""
+        return self.on_local_devices().model_copy(update={"data": 1})
 
 
 class DataConfig(_Section):
@@ -110,14 +151,17 @@ class DataConfig(_Section):
     )
     val_max_documents: int = Field(10_000, gt=0, description="cap on held-out documents")
     prefetch: int = Field(2, ge=0, description="batches built ahead in a background thread")
+    packing: Literal["concat", "segments"] = Field(
+        "concat",
+        description="concat: documents joined by the end token attend across it (GPT-2/GPT-3); "
+        "segments: attention and positions restart at each document",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        ok = self.source == "stdlib" or self.source.startswith(("text_dir:", "tfds:"))
-        if not ok:
-            raise ValueError(
-                f"data.source={self.source!r}: use 'stdlib', 'text_dir:PATH' or 'tfds:NAME'"
-            )
+        from gptjax.data.sources import parse  # the registry; lazy: it imports the data package
+
+        parse(self.source)  # one line naming the known sources when unknown
         return self
 
 
@@ -267,17 +311,3 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
     return from_dict(raw)
-
-
-def shape_keys(config: Config) -> dict[str, Any]:
-    """The settings that decide parameter shapes (a resume must match them)."""
-    model = config.model
-    return {
-        "model.vocab_size": model.vocab_size,
-        "model.n_layer": model.n_layer,
-        "model.n_head": model.n_head,
-        "model.d_model": model.d_model,
-        "model.d_ff": model.ff,
-        "model.max_positions": model.positions,
-        "model.tie_embeddings": model.tie_embeddings,
-    }

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from gptjax import distributed
-from gptjax.config import Config, ConfigError, from_dict
+from gptjax.config import Config, ConfigError
 
 _WATCHDOG: contextvars.ContextVar[distributed.Watchdog | None] = contextvars.ContextVar(
     "gptjax_watchdog", default=None
@@ -63,9 +63,7 @@ def apply(cfg: Config) -> Config:
             "debug mode runs in one process on one device; start it directly, not under "
             "the launcher or srun with several tasks"
         )
-    raw = cfg.to_dict()
-    raw["mesh"].update(data=1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1)
-    return from_dict(raw)
+    return cfg.model_copy(update={"mesh": cfg.mesh.one_device()})
 
 
 def devices(cfg: Config) -> list | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -11,25 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax import checkpoint, config, train
+from gptjax import steps
 from gptjax.data import tokenizer as tok
-
-
-def load_run(run_dir: str | Path, step: int | None = None, devices=None):
-    """(setup, params, tokenizer) of a run_dir's newest (or given) checkpoint."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise config.ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config.load(run_dir / "config.yaml", ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"])
-    setup = train.build(cfg, devices or jax.devices()[:1])
-    # read_only: the run may be training (and saving) right now
-    ckpt = checkpoint.Checkpointer(run_dir, async_save=False, read_only=True)
-    try:
-        state = ckpt.restore(setup.abstract_state, step)
-    finally:
-        ckpt.close()
-    tokenizer = tok.Tokenizer.load(run_dir / "tokenizer.model")
-    return setup, state["params"], tokenizer
 
 
 def filter_logits(logits_V, temperature: float, top_k: int, top_p: float, vocab: int):
@@ -58,7 +40,7 @@ def _next_token(params, window_T, position, key, *, graphdef, vocab, temperature
 
 
 def sample(
-    setup: train.Setup,
+    setup: steps.Setup,
     params: Any,
     tokenizer: tok.Tokenizer,
     prompt: str,

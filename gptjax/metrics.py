@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
+from gptjax.model import param_counts  # counted from the model's own shapes
 
 # Dense bf16 peak FLOP/s per chip (not the sparse figure). Matched against device_kind.
 PEAK_FLOPS = {
@@ -30,20 +31,6 @@ PEAK_FLOPS = {
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
 }
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by the model's shapes: total, and without embeddings (Kaplan's N)."""
-    D, F, L, V = cfg.d_model, cfg.ff, cfg.n_layer, cfg.vocab_size
-    per_layer = 4 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
-    wte, wpe = V * D, cfg.positions * D
-    head = 0 if cfg.tie_embeddings else D * V
-    blocks = L * per_layer + 2 * D
-    return {
-        "params": wte + wpe + head + blocks,
-        "non_embedding_params": blocks,
-        "position_params": wpe,
-    }
 
 
 FLOPS_FORMULA = "6N + 12LHQT (PaLM appendix B; N without position embeddings)"

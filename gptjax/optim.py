@@ -1,18 +1,13 @@
 """AdamW with warmup + cosine (or WSD, or constant) schedule, global-norm clipping, and weight
-decay only on matrices (chosen by parameter name, which stays right when layers are stacked)."""
+decay on the parameters that declare it (`decay=` where each is defined, gptjax/model.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax
 import optax
 
 from gptjax.config import OptimConfig
-
-# Parameter names that get weight decay: the embeddings and every matmul weight. Biases and
-# LayerNorm scales/biases do not.
-DECAYED = {"wte", "wpe", "lm_head", "qkv_w", "out_w", "fc_w", "proj_w"}
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -37,17 +32,9 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
-def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay, by the name of the leaf's key."""
-
-    def decide(path, _):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return name in DECAYED
-
-    return jax.tree_util.tree_map_with_path(decide, params)
-
-
-def make(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make(cfg: OptimConfig, total_steps: int, decay_mask: Any) -> optax.GradientTransformation:
+    """The optimiser; `decay_mask` is a tree like the parameters, True where AdamW decays
+    (`model.declared(abstract_state, "decay")`)."""
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptjax import metrics, train
+from gptjax import metrics, steps
 from gptjax.config import Config, ConfigError
 
 GiB = 2**30
@@ -40,8 +40,7 @@ def devices_needed(cfg: Config, requested: int | None) -> int:
     """`--devices N`, else the mesh's fixed sizes multiplied (a -1 axis then counts as 1)."""
     if requested is not None:
         return requested
-    mesh = cfg.mesh
-    sizes = [mesh.data, mesh.fsdp, mesh.tensor, mesh.dcn_data, mesh.dcn_fsdp]
+    sizes = [*cfg.mesh.sizes().values(), *cfg.mesh.dcn().values()]
     return math.prod(size for size in sizes if size != -1)
 
 
@@ -74,7 +73,7 @@ def _path_name(path) -> str:
     return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 
 
-def param_rows(setup: train.Setup) -> list[dict[str, Any]]:
+def param_rows(setup: steps.Setup) -> list[dict[str, Any]]:
     """One row per parameter: name, shape, partition spec, dtype, bytes per device."""
     rows = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(setup.abstract_state["params"]):
@@ -90,7 +89,7 @@ def param_rows(setup: train.Setup) -> list[dict[str, Any]]:
     return rows
 
 
-def state_bytes(setup: train.Setup) -> dict[str, int]:
+def state_bytes(setup: steps.Setup) -> dict[str, int]:
     """Bytes per device of params, gradients (same shapes, dtype and shardings as the params;
     one copy, as when micro_batches=1) and optimiser state (Adam's two moments and counters)."""
     params = sum(_shard_bytes(x) for x in jax.tree.leaves(setup.abstract_state["params"]))
@@ -98,24 +97,22 @@ def state_bytes(setup: train.Setup) -> dict[str, int]:
     return {"params": params, "grads": params, "opt_state": opt}
 
 
-def batch_spec(setup: train.Setup) -> jax.ShapeDtypeStruct:
-    """The step's input: [batch_size, seq_len + 1] int32 tokens, sharded over the batch axes."""
-    cfg = setup.cfg
-    shape = (cfg.train.batch_size, cfg.model.seq_len + 1)
-    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding)
+def batch_spec(setup: steps.Setup) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's input: the batch dict, [batch_size, seq_len] int32 per key, sharded."""
+    return setup.abstract_batch()
 
 
 # --- XLA --------------------------------------------------------------------------------------
 
 
-def compile_step(setup: train.Setup) -> jax.stages.Compiled:
+def compile_step(setup: steps.Setup) -> jax.stages.Compiled:
     """The train step compiled ahead of time for abstract inputs; callable as (state, batch)."""
-    step = train.make_train_step(setup)
+    step = steps.make_train_step(setup)
     with setup.activate():
         return step.jitted.lower(setup.abstract_state, batch_spec(setup)).compile()
 
 
-def xla_memory(setup: train.Setup, compiled: jax.stages.Compiled | None = None):
+def xla_memory(setup: steps.Setup, compiled: jax.stages.Compiled | None = None):
     """XLA's per-device memory analysis of the compiled train step (bytes), or None.
 
     `total` = arguments + outputs - aliased (donated state reused for the new state) + temporaries:
@@ -142,7 +139,7 @@ def xla_memory(setup: train.Setup, compiled: jax.stages.Compiled | None = None):
 
 def plan(cfg: Config, devices: list[jax.Device], xla: bool = True) -> dict[str, Any]:
     """The plan of `cfg` on `devices` as one JSON-ready dict (bytes are per device)."""
-    setup = train.build(cfg, devices)  # every config/mesh check, before compiling
+    setup = steps.build(cfg, devices)  # every config/mesh check, before compiling
     counts = metrics.param_counts(cfg.model)
     per_token = metrics.flops_per_token(cfg.model)
     tokens = cfg.train.batch_size * cfg.model.seq_len

@@ -18,9 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from gptjax.config import ConfigError, MeshConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from gptjax.config import DCN_AXES, MESH_AXES, ConfigError, MeshConfig
 
 # logical axis -> mesh axes. A mesh axis already used by an earlier dimension of the same array
 # is skipped, so activations [batch, seq, embed] shard batch over (data, fsdp) and leave embed
@@ -92,43 +90,55 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def resolve_shape(config: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Mesh sizes (data, fsdp, tensor) over all devices, with -1 filled in. dcn sizes included."""
-    dcn = (config.dcn_data, config.dcn_fsdp, 1)
-    sizes = [config.data, config.fsdp, config.tensor]
-    known = math.prod(size for size in sizes if size != -1) * math.prod(dcn)
-    if -1 in sizes:
+def resolve_shape(config: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """Mesh sizes (one per MESH_AXES) over all devices, with -1 filled in; dcn sizes included."""
+    dcn = config.dcn()
+    sizes = config.sizes()
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    known = math.prod(s for s in sizes.values() if s != -1) * math.prod(dcn.values())
+    if fill:
         if n_devices % known:
             raise ConfigError(
                 f"mesh {_show(config)} does not divide the {n_devices} devices "
                 f"(the fixed axes already need {known})"
             )
-        sizes[sizes.index(-1)] = n_devices // known
-    if math.prod(sizes) * math.prod(dcn) != n_devices:
+        sizes[fill[0]] = n_devices // known
+    needed = math.prod(sizes.values()) * math.prod(dcn.values())
+    if needed != n_devices:
         raise ConfigError(
-            f"mesh {_show(config)} needs {math.prod(sizes) * math.prod(dcn)} devices "
-            f"but {n_devices} are available"
+            f"mesh {_show(config)} needs {needed} devices but {n_devices} are available"
         )
-    return sizes[0] * dcn[0], sizes[1] * dcn[1], sizes[2]
+    return tuple(sizes[axis] * dcn[axis] for axis in MESH_AXES)
 
 
 def _show(config: MeshConfig) -> str:
-    text = f"data={config.data} fsdp={config.fsdp} tensor={config.tensor}"
-    if config.dcn_data > 1 or config.dcn_fsdp > 1:
-        text += f" dcn_data={config.dcn_data} dcn_fsdp={config.dcn_fsdp}"
+    text = " ".join(f"{axis}={size}" for axis, size in config.sizes().items())
+    if math.prod(config.dcn().values()) > 1:
+        text += " " + " ".join(f"{key}={getattr(config, key)}" for key in DCN_AXES.values())
     return text
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with neighbouring devices next to each other."""
+    """A mesh over MESH_AXES with neighbouring devices next to each other; with `dcn_*` sizes a
+    hybrid mesh whose slow (between-host) factor spans processes."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_shape(config, len(devices))
-    dcn = (config.dcn_data, config.dcn_fsdp, 1)
+    dcn = tuple(config.dcn().values())
     if math.prod(dcn) > 1:
+        processes = len({d.process_index for d in devices})
+        if devices[0].platform != "tpu" and processes != math.prod(dcn):
+            keys = " ".join(f"{k}={getattr(config, k)}" for k in DCN_AXES.values())
+            raise ConfigError(
+                f"mesh {keys} spans {math.prod(dcn)} hosts but these devices belong to "
+                f"{processes} process(es); set the dcn_* sizes to 1 on one host"
+            )
         ici = tuple(size // d for size, d in zip(shape, dcn, strict=True))
-        grid = mesh_utils.create_hybrid_device_mesh(
-            ici, dcn, devices, process_is_granule=devices[0].platform != "tpu"
-        )
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices, process_is_granule=devices[0].platform != "tpu"
+            )
+        except (ValueError, AssertionError) as error:
+            raise ConfigError(f"mesh {_show(config)}: {str(error).splitlines()[0]}") from None
     else:
         try:
             grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)

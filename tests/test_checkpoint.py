@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT, run_cli, tiny_config
 from flax import nnx
 
-from gptjax import checkpoint, cli, model, train
+from gptjax import checkpoint, cli, model, runs, steps, train
 from gptjax.config import ConfigError
 from gptjax.data import pipeline
 
@@ -110,7 +110,7 @@ def wait_until(predicate, process: subprocess.Popen, timeout: float, what: str):
 
 def restore_all(run_dir: Path, cache_dir) -> dict[int, dict]:
     """Every listed step of run_dir, restored (read-only) onto 8 devices, on the host."""
-    setup = train.build(tiny_config(run_dir, cache_dir, "mesh.data=8"))
+    setup = steps.build(tiny_config(run_dir, cache_dir, "mesh.data=8"))
     ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
     try:
         return {s: jax.device_get(ckpt.restore(setup.abstract_state, s)) for s in ckpt.all_steps()}
@@ -299,18 +299,18 @@ POISONED = {3, 6, 7, 8}  # metrics steps (1-based) whose loss is made NaN
 def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, cache_dir, monkeypatch, capsys):
     """Step 3's loss is NaN: its update is skipped and training goes on; steps 6, 7, 8 too:
     with train.max_bad_steps=3 the run stops with one clear line. Every checkpoint is finite."""
-    real_rows, real_losses = pipeline.Dataset.train_rows, train.token_losses
+    real_rows, real_losses = pipeline.Dataset.train_rows, steps.token_losses
 
     def rows(self, seed, step, batch_size, start, stop):
         tokens = real_rows(self, seed, step, batch_size, start, stop)
         return np.zeros_like(tokens) if step + 1 in POISONED else tokens
 
-    def token_losses(graphdef, params, tokens_BT1, key=None):  # all-zero rows: NaN loss
-        poison = jnp.where(jnp.all(tokens_BT1 == 0), jnp.nan, 0.0)
-        return real_losses(graphdef, params, tokens_BT1, key) + poison
+    def token_losses(graphdef, params, batch, key=None, segments=False):  # all-zero: NaN loss
+        poison = jnp.where(jnp.all(batch["inputs"] == 0), jnp.nan, 0.0)
+        return real_losses(graphdef, params, batch, key, segments) + poison
 
     monkeypatch.setattr(pipeline.Dataset, "train_rows", rows)
-    monkeypatch.setattr(train, "token_losses", token_losses)
+    monkeypatch.setattr(steps, "token_losses", token_losses)
     run = tmp_path / "run"
     argv = ["train", CONFIG, f"run_dir={run}", f"data.cache_dir={cache_dir}", "--no-progress"]
     more = ["train.log_every=1", "checkpoint.every=1", "checkpoint.keep=30"]
@@ -463,7 +463,7 @@ def test_export_writes_the_checkpoint_parameters(reference, tmp_path, cache_dir,
             exported = dict(npz)
         assert {name: a.shape for name, a in exported.items()} == shapes
         assert all(a.dtype == np.float32 for a in exported.values())
-        params = checkpoint.flatten(saved[step or 20]["params"])
+        params = runs.flatten(saved[step or 20]["params"])
         for name, array in exported.items():
             np.testing.assert_array_equal(array, params[name], err_msg=name)
     assert json.loads((out / "export.json").read_text())["step"] == STEPS  # the newest

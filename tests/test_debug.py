@@ -57,9 +57,10 @@ def poison(monkeypatch, step: int) -> None:
             out[0] = MARK
         return out
 
-    def poisoned(self, tokens, key=None):
+    def poisoned(self, tokens, key=None, **where):
         marked = jnp.all(tokens == MARK, axis=1)
-        return hidden(self, tokens, key) + jnp.log(jnp.where(marked, -1.0, 1.0))[:, None, None]
+        out = hidden(self, tokens, key, **where)
+        return out + jnp.log(jnp.where(marked, -1.0, 1.0))[:, None, None]
 
     monkeypatch.setattr(pipeline.Dataset, "train_rows", marked_rows)
     monkeypatch.setattr(model.GPT, "hidden", poisoned)
@@ -139,8 +140,8 @@ def test_no_jit_runs_eagerly_and_stops_at_the_op(nan_run, tmp_path, cache_dir, m
     poison(monkeypatch, 3)
     seen, hidden = [], model.GPT.hidden
 
-    def spying(self, tokens, key=None):
-        out = hidden(self, tokens, key)
+    def spying(self, tokens, key=None, **where):
+        out = hidden(self, tokens, key, **where)
         seen.append(concrete(out))
         return out
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gptjax import config, loss, train
+from gptjax import config, loss, steps
+from gptjax.data.batch import from_windows
 
 
 def _inputs(B=2, T=16, D=8, V=40, seed=0):
@@ -75,14 +76,15 @@ def test_chunk_must_divide_seq_len(tmp_path, cache_dir):
 
 
 def test_train_step_same_loss_and_gradients_with_chunked_loss(tmp_path, cache_dir):
-    """Through the model: train.token_losses with loss_chunk=16 equals loss_chunk=0."""
+    """Through the model: steps.token_losses with loss_chunk=16 equals loss_chunk=0."""
     results = []
     for chunk in (0, 16):
         cfg = tiny_config(tmp_path, cache_dir, f"model.loss_chunk={chunk}")
-        setup = train.build(cfg, jax.devices()[:1])
-        params = train.init_state(setup)["params"]
+        setup = steps.build(cfg, jax.devices()[:1])
+        params = steps.init_state(setup)["params"]
         tokens = jax.random.randint(jax.random.key(1), (4, cfg.model.seq_len + 1), 0, 512)
-        f = lambda p, setup=setup, t=tokens: train.token_losses(setup.graphdef, p, t).mean()
+        batch = from_windows(np.asarray(tokens), eod_id=0)
+        f = lambda p, setup=setup, b=batch: steps.token_losses(setup.graphdef, p, b).mean()
         results.append(jax.jit(jax.value_and_grad(f))(params))
     (v0, g0), (v1, g1) = results
     np.testing.assert_allclose(v1, v0, rtol=1e-6)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gptjax import config, model, optim, train
+from gptjax import config, model, optim, steps
+from gptjax.data.batch import from_windows
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -27,7 +28,7 @@ def test_wsd_schedule_is_flat_then_decays():
 
 def test_weight_decay_only_on_matrices():
     cfg = config.ModelConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=16)
-    mask = optim.decay_mask(model.init_params(cfg, 0))
+    mask = model.declared(model.abstract(cfg)[1], "decay")
     assert mask["wte"] and mask["wpe"] and mask["blocks"]["qkv_w"] and mask["blocks"]["proj_w"]
     assert not mask["blocks"]["ln1_scale"]  # 2-D once stacked: a by-ndim mask would decay it
     assert not mask["blocks"]["fc_b"] and not mask["ln_f_bias"]
@@ -38,10 +39,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
     graphdef, _ = model.abstract(cfg.model)
     params = model.init_params(cfg.model, 0)
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, cfg.model.vocab_size, (8, cfg.model.seq_len + 1)).astype(np.int32)
-    grads = jax.jit(train.loss_and_grads, static_argnums=(0, 3))
-    loss1, grads1 = grads(graphdef, params, batch, 1)
-    loss4, grads4 = grads(graphdef, params, batch, 4)
+    windows = rng.integers(0, cfg.model.vocab_size, (8, cfg.model.seq_len + 1)).astype(np.int32)
+    batch = from_windows(windows, eod_id=0)
+    grads = jax.jit(steps.loss_and_grads, static_argnums=(0, 3))
+    loss1, grads1, _ = grads(graphdef, params, batch, 1)
+    loss4, grads4, _ = grads(graphdef, params, batch, 4)
     assert float(loss4) == pytest.approx(float(loss1), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads4), strict=True):
         # f32 sums in another order: relative 1e-5 of the largest gradient entry
@@ -53,11 +55,12 @@ def test_train_step_with_micro_batches_updates_like_one_batch(tmp_path, cache_di
     accumulated = base.model_copy(deep=True)
     accumulated.train.micro_batches = 4
     rng = np.random.default_rng(1)
-    batch = rng.integers(0, base.model.vocab_size, (8, base.model.seq_len + 1)).astype(np.int32)
+    windows = rng.integers(0, base.model.vocab_size, (8, base.model.seq_len + 1)).astype(np.int32)
+    batch = from_windows(windows, eod_id=0)
     results = []
     for cfg in (base, accumulated):
-        setup = train.build(cfg, jax.devices()[:1])
-        state, stats = train.make_train_step(setup)(train.init_state(setup), batch)
+        setup = steps.build(cfg, jax.devices()[:1])
+        state, stats = steps.make_train_step(setup)(steps.init_state(setup), batch)
         results.append((jax.device_get(state["params"]), {k: float(v) for k, v in stats.items()}))
     (params1, stats1), (params4, stats4) = results
     assert stats4["loss"] == pytest.approx(stats1["loss"], rel=1e-6)

@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gptjax import model, train
+from gptjax import model, steps
+from gptjax.data.batch import from_windows
 
 
 def _loss_and_grads(tmp_path, cache_dir, *overrides):
     cfg = tiny_config(tmp_path, cache_dir, *overrides)
-    setup = train.build(cfg, jax.devices()[:1])
-    params = train.init_state(setup)["params"]
+    setup = steps.build(cfg, jax.devices()[:1])
+    params = steps.init_state(setup)["params"]
     tokens = jax.random.randint(jax.random.key(3), (4, cfg.model.seq_len + 1), 0, 512)
-    f = lambda p: train.token_losses(setup.graphdef, p, tokens).mean()
+    batch = from_windows(np.asarray(tokens), eod_id=0)
+    f = lambda p: steps.token_losses(setup.graphdef, p, batch).mean()
     return jax.jit(jax.value_and_grad(f))(params)
 
 
@@ -40,9 +42,9 @@ def test_remat_full_saves_memory_in_the_compiled_step(tmp_path, cache_dir):
         cfg = tiny_config(
             tmp_path, cache_dir, f"model.remat={policy}", "model.n_layer=4", "train.batch_size=16"
         )
-        setup = train.build(cfg, jax.devices()[:1])
-        step = train.make_train_step(setup)
-        batch = jax.ShapeDtypeStruct((16, cfg.model.seq_len + 1), np.int32)
+        setup = steps.build(cfg, jax.devices()[:1])
+        step = steps.make_train_step(setup)
+        batch = setup.abstract_batch(16)
         with setup.activate():
             compiled = step.jitted.lower(setup.abstract_state, batch).compile()
         return compiled.memory_analysis().temp_size_in_bytes

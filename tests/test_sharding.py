@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, plan, sharding, train
+from gptjax import model, plan, sharding, steps
 from gptjax.config import ConfigError
 from tests.conftest import tiny_config
 
@@ -51,11 +51,11 @@ def batches(vocab=512, batch=8, seq=64):
 def run(cfg, devices):
     """Train STEPS steps in-process; returns (init params, losses, final state, XLA memory).
 
-    The step is train.make_train_step's jit, compiled ahead of time as `gptjax plan` does, so
+    The step is steps.make_train_step's jit, compiled ahead of time as `gptjax plan` does, so
     the same executable also gives XLA's memory analysis.
     """
-    setup = train.build(cfg, devices)
-    state = train.init_state(setup)
+    setup = steps.build(cfg, devices)
+    state = steps.init_state(setup)
     init = jax.device_get(state["params"])
     step = plan.compile_step(setup)
     losses = []
@@ -147,7 +147,7 @@ def test_tensor_parallel_splits_heads_and_mlp(runs):
 def test_plan_bytes_are_the_bytes_each_device_holds(runs, tmp_path, cache_dir, shape):
     """gptjax plan's analytic bytes/device equal the trained arrays' real shards and XLA's."""
     _, _, state, xla = runs[shape]
-    planned = plan.state_bytes(train.build(config_for(tmp_path, cache_dir, *shape)))
+    planned = plan.state_bytes(steps.build(config_for(tmp_path, cache_dir, *shape)))
     for part in ("params", "opt_state"):
         held = collections.Counter()
         for array in jax.tree.leaves(state[part]):
@@ -163,9 +163,9 @@ def test_plan_bytes_are_the_bytes_each_device_holds(runs, tmp_path, cache_dir, s
 def test_sharded_init_never_holds_the_whole_model(tmp_path, cache_dir):
     """Init compiled for fsdp=8: each device outputs 1/8 and never builds the full params."""
     cfg = config_for(tmp_path, cache_dir, 1, 8, 1, "model.d_model=256", "model.vocab_size=4096")
-    setup = train.build(cfg, jax.devices()[:8])
+    setup = steps.build(cfg, jax.devices()[:8])
 
-    def init():  # the body of train.init_state
+    def init():  # the body of steps.init_state
         params = model.init_params(cfg.model, cfg.seed)
         opt = setup.optimizer.init(params)
         return {"params": params, "opt_state": opt, "step": jnp.zeros((), jnp.int32)}
@@ -210,7 +210,7 @@ def test_sharded_init_never_holds_the_whole_model(tmp_path, cache_dir):
 def test_mesh_mistakes_are_one_line_config_errors(tmp_path, cache_dir, overrides, message):
     cfg = tiny_config(tmp_path, cache_dir, "model.n_head=8", "mesh.data=1", *overrides)
     with pytest.raises(ConfigError) as error:
-        train.build(cfg, jax.devices()[:8])
+        steps.build(cfg, jax.devices()[:8])
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -219,7 +219,7 @@ def test_axis_that_shards_no_parameter_warns(tmp_path, cache_dir, caplog):
     rules = "mesh.rules={heads: null, mlp: null, vocab: null}"
     cfg = config_for(tmp_path, cache_dir, 4, 1, 2, rules)
     with caplog.at_level(logging.WARNING, logger="gptjax"):
-        train.build(cfg, jax.devices()[:8])
+        steps.build(cfg, jax.devices()[:8])
     lines = [r.getMessage() for r in caplog.records if r.name == "gptjax"]
     assert lines == [
         "mesh.tensor=2 shards no parameter (its 2 device groups repeat the same work); "
@@ -227,14 +227,14 @@ def test_axis_that_shards_no_parameter_warns(tmp_path, cache_dir, caplog):
     ]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gptjax"):  # plain data parallel: no warning
-        train.build(config_for(tmp_path, cache_dir, 8, 1, 1), jax.devices()[:8])
+        steps.build(config_for(tmp_path, cache_dir, 8, 1, 1), jax.devices()[:8])
     assert not [r for r in caplog.records if r.name == "gptjax"]
 
 
 def test_rules_override_changes_the_layout(tmp_path, cache_dir):
     """mesh.rules in the config: shard the MLP over fsdp+tensor and leave embed whole."""
     rules = "mesh.rules={embed: null, mlp: [fsdp, tensor]}"
-    setup = train.build(config_for(tmp_path, cache_dir, 1, 4, 2, rules), jax.devices()[:8])
+    setup = steps.build(config_for(tmp_path, cache_dir, 1, 4, 2, rules), jax.devices()[:8])
     specs = setup.state_shardings["params"]["blocks"]
     assert tuple(specs["fc_w"].spec) == (None, None, ("fsdp", "tensor"))
     assert tuple(specs["proj_w"].spec) == (None, ("fsdp", "tensor"), None)

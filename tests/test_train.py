@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, tiny_config
 
-from gptjax import config, train
+from gptjax import config, steps, train
 from gptjax.data import load_dataset
 
 
@@ -15,10 +15,10 @@ def test_overfits_a_fixed_batch(tmp_path, cache_dir):
     overrides = ("optim.lr=3e-3", "optim.warmup_steps=0", "optim.schedule=constant")
     cfg = tiny_config(tmp_path, cache_dir, *overrides)
     data = load_dataset(cfg.data, cfg.model.seq_len)
-    batch = data.train_rows(cfg.seed, 0, cfg.train.batch_size, 0, cfg.train.batch_size)
-    setup = train.build(cfg, jax.devices()[:1])
-    state = train.init_state(setup)
-    step = train.make_train_step(setup)
+    batch = data.train_batch(cfg.seed, 0, cfg.train.batch_size, 0, cfg.train.batch_size)
+    setup = steps.build(cfg, jax.devices()[:1])
+    state = steps.init_state(setup)
+    step = steps.make_train_step(setup)
     losses = []
     for _ in range(60):
         state, stats = step(state, batch)

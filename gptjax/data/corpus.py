@@ -13,7 +13,7 @@ import json
 import os
 import sysconfig
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 TEST_DIRS = {"test", "tests", "idle_test"}
@@ -94,25 +94,9 @@ def iter_text_dir(root: str | Path) -> Iterator[Document]:
         yield from _read_text_file(path, root)
 
 
-def local_documents(source: str) -> Callable[[], Iterator[Document]]:
-    """A function that iterates the documents of a local source afresh on every call."""
-    if source == "stdlib":
-        return iter_stdlib
-    if source.startswith("text_dir:"):
-        root = source.removeprefix("text_dir:")
-        text_dir_files(root)  # fail now, not halfway through preparing
-        return lambda: iter_text_dir(root)
-    raise DataError(f"data.source={source!r} is not a local source")
-
-
-def fingerprint(source: str) -> str:
-    """Names, sizes and modification times of a local source's files: changes with content."""
-    if source == "stdlib":
-        root, files = stdlib_root(), stdlib_files()
-    else:
-        root, files = text_dir_files(source.removeprefix("text_dir:"))
-        root = root.resolve()
-    digest = hashlib.sha256(str(root).encode())
+def fingerprint_files(root: Path, files: list[Path]) -> str:
+    """Names, sizes and modification times of `files` under `root`: changes with content."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
     for path in files:
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

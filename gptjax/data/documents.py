@@ -103,10 +103,10 @@ def atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def write_local(source: str, val_fraction: float, target: Path, progress: bool = False) -> Path:
-    """Write a local source's documents to `target` as the TFDS dataset; returns its directory."""
+def write_local(documents, val_fraction: float, target: Path, progress: bool = False) -> Path:
+    """Write a local source's documents (a callable returning an iterator of (name, text)) to
+    `target` as the TFDS dataset; returns its directory."""
     tfds = _tfds()
-    documents = corpus.local_documents(source)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -306,34 +306,31 @@ def open_tfds(spec: str, data_dir: Path, val_fraction: float) -> Documents:
     return Documents(f"{label} ({directory}, field {field!r})", digest, lambda: (train, val))
 
 
-def open_documents(
-    source: str,
-    val_fraction: float,
-    cache_root: Path,
-    tfds_dir: str | None = None,
-    progress: bool = False,
-) -> Documents:
-    """The train and validation documents of `source`, writing local ones to the cache once."""
-    if source.startswith("tfds:"):
-        spec = source.removeprefix("tfds:")
-        if not spec:
-            raise DataError("data.source='tfds:' needs a dataset name, e.g. tfds:lm1b")
-        return open_tfds(spec, tfds_data_dir(tfds_dir), val_fraction)
+def open_documents(cfg, cache_root: Path, progress: bool = False) -> Documents:
+    """The train and validation documents of `cfg.source` (a DataConfig), through the source
+    registry; a local source's documents are written to the cache once."""
+    from gptjax.data.sources import parse
+
+    entry, argument = parse(cfg.source)
+    module = entry.load()
+    if hasattr(module, "open"):  # a prepared dataset
+        return module.open(argument, cfg)
     parts = {
         "format": FORMAT_VERSION,
-        "source": source,
-        "files": corpus.fingerprint(source),
-        "val_fraction": val_fraction,
+        "source": cfg.source,
+        "files": module.fingerprint(argument),
+        "val_fraction": cfg.val_fraction,
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     target = cache_root / "documents" / key[:20]
+    documents = module.documents(argument)
 
     def open_splits() -> tuple[Split, Split]:
         if not target.is_dir():
-            write_local(source, val_fraction, target, progress)
+            write_local(documents, cfg.val_fraction, target, progress)
         builder = _tfds().builder_from_directory(str(target / BUILDER_NAME / BUILDER_VERSION))
-        train = Split(builder.as_data_source(split="train"), "text", f"{source} train")
-        val = Split(builder.as_data_source(split="validation"), "text", f"{source} validation")
+        train = Split(builder.as_data_source(split="train"), "text", f"{cfg.source} train")
+        val = Split(builder.as_data_source(split="validation"), "text", f"{cfg.source} validation")
         return train, val
 
-    return Documents(source, key, open_splits)
+    return Documents(cfg.source, key, open_splits)

@@ -39,17 +39,25 @@ def row_ranges(
     return [(start, stop) for start, stop in merged]
 
 
-def local_rows(rows_fn: RowsFn, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-    """The rows of `ranges`, concatenated in order (each read exactly once)."""
-    return np.concatenate([rows_fn(start, stop) for start, stop in ranges])
+def local_rows(rows_fn: RowsFn, ranges: Sequence[tuple[int, int]]) -> Any:
+    """The rows of `ranges`, concatenated in order (each read exactly once). `rows_fn` returns
+    an array or a dict of arrays (a batch); so does this."""
+    parts = [rows_fn(start, stop) for start, stop in ranges]
+    return jax.tree.map(lambda *rows: np.concatenate(rows), *parts)
 
 
 def assemble(
     sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], rows_fn: RowsFn
-) -> jax.Array:
-    """The global [batch, ...] array; this process reads only the rows its devices hold."""
+) -> Any:
+    """The global [batch, ...] array (or dict of arrays, each with `sharding` on its leading
+    batch axis); this process reads only the rows its devices hold."""
     rows = local_rows(rows_fn, row_ranges(sharding, global_shape))
-    return jax.make_array_from_process_local_data(sharding, rows, global_shape)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(
+            sharding, a, (global_shape[0], *a.shape[1:])
+        ),
+        rows,
+    )
 
 
 class Prefetcher:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from gptjax.config import DataConfig
+from gptjax.data import batch as batch_module
 from gptjax.data import documents as docs_module
 from gptjax.data import tokenizer as tok
 from gptjax.data.corpus import DataError
@@ -175,9 +176,7 @@ def prepare(
     directory. `tokenizer_path` (else cfg.tokenizer) uses that model instead of training one;
     `max_vocab` (model.vocab_size) rejects a tokenizer with more pieces."""
     root = cache_root(cfg)
-    documents = docs_module.open_documents(
-        cfg.source, cfg.val_fraction, root, cfg.tfds_data_dir, progress
-    )
+    documents = docs_module.open_documents(cfg, root, progress)
     given = tokenizer_path or cfg.tokenizer
     tokenizer = _tokenizer_for(cfg, given, max_vocab, documents, root, progress)
     key = {
@@ -244,6 +243,7 @@ class Dataset:
     token_bytes: np.ndarray  # [vocab] UTF-8 bytes per token
     directory: Path
     meta: dict = field(default_factory=dict)
+    packing: str = "concat"  # data.packing: how windows become batches
 
     def train_indices(self, seed: int, step: int, batch_size: int, start: int, stop: int):
         """Window ids of rows [start, stop) of the global batch of `step`: int64 [stop - start]."""
@@ -271,6 +271,15 @@ class Dataset:
         index = eval_step * batch_size + np.arange(start, stop)
         return self.val.read(index % len(self.val))
 
+    def train_batch(self, seed: int, step: int, batch_size: int, start: int, stop: int) -> dict:
+        """Rows [start, stop) of the global batch of `step` as a batch dict (data/batch.py)."""
+        windows = self.train_rows(seed, step, batch_size, start, stop)
+        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing)
+
+    def val_batch(self, eval_step: int, batch_size: int, start: int, stop: int) -> dict:
+        windows = self.val_rows(eval_step, batch_size, start, stop)
+        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing)
+
 
 def load_dataset(
     cfg: DataConfig,
@@ -286,4 +295,4 @@ def load_dataset(
     train = PackedWindows(directory / "train.array_record", window)
     val = PackedWindows(directory / "val.array_record", window)
     meta = json.loads((directory / "meta.json").read_text())
-    return Dataset(tokenizer, train, val, tokenizer.token_bytes(), directory, meta)
+    return Dataset(tokenizer, train, val, tokenizer.token_bytes(), directory, meta, cfg.packing)

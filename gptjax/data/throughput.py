@@ -33,7 +33,7 @@ def measure_prepare(cfg, seq_len: int, max_vocab: int) -> dict:
     from gptjax.data import pipeline
 
     root = pipeline.cache_root(cfg)
-    docs = docs_module.open_documents(cfg.source, cfg.val_fraction, root, cfg.tfds_data_dir)
+    docs = docs_module.open_documents(cfg, root)
     _, t_docs = _timed(lambda: docs.train)
     tokenizer_bytes, t_tok = _timed(pipeline._trained_tokenizer, cfg, docs, root)
     directory, t_pack = _timed(pipeline.prepare, cfg, seq_len, max_vocab=max_vocab)
@@ -70,10 +70,10 @@ def measure_loader(data, batch_size: int, steps: int, seed: int = 0) -> dict:
     shape = (batch_size, window)
 
     def build(step):
-        array = loader.assemble(
-            sharding, shape, lambda a, b: data.train_rows(seed, step, batch_size, a, b)
+        batch = loader.assemble(
+            sharding, shape, lambda a, b: data.train_batch(seed, step, batch_size, a, b)
         )
-        return array.block_until_ready()
+        return jax.block_until_ready(batch)
 
     _, t_arrays = _timed(lambda: [build(s) for s in range(steps)])
     tokens = batch_size * (window - 1)

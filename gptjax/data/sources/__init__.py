@@ -1,0 +1,62 @@
+"""Every data source, registered in one table.
+
+`data.source` is `NAME` or `NAME:ARGUMENT`. Each entry names the module that implements it
+(imported only when the source is used). A source module provides one of:
+
+- local sources (read from files here, written once into the document cache):
+    `documents(argument) -> callable` returning a fresh iterator of (name, text) documents,
+    checking the argument at once (a missing path is a DataError now, not halfway through);
+    `fingerprint(argument) -> str`, which changes whenever the content may have changed;
+- prepared sources (already stored as a dataset elsewhere):
+    `open(argument, cfg: DataConfig) -> gptjax.data.documents.Documents`.
+
+Adding a source is one new module in this folder and one entry below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from gptjax.data.corpus import DataError
+
+
+@dataclass(frozen=True)
+class Source:
+    module: str  # implementing module, imported on use
+    argument: str | None  # what follows "NAME:" (None: the source takes no argument)
+    summary: str
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+SOURCES: dict[str, Source] = {
+    "stdlib": Source(
+        "gptjax.data.sources.stdlib", None, "the running Python's standard library (.py)"
+    ),
+    "text_dir": Source(
+        "gptjax.data.sources.text_dir", "PATH", ".txt, .md and .jsonl files under a directory"
+    ),
+    "tfds": Source(
+        "gptjax.data.sources.tfds", "NAME", "a TFDS dataset prepared in ArrayRecord format"
+    ),
+}
+
+
+def usage() -> str:
+    return ", ".join(f"'{n}:{s.argument}'" if s.argument else f"'{n}'" for n, s in SOURCES.items())
+
+
+def parse(source: str) -> tuple[Source, str]:
+    """(registry entry, argument) of a `data.source` string; one-line DataError when unknown."""
+    name, colon, argument = source.partition(":")
+    entry = SOURCES.get(name)
+    if entry is None:
+        raise DataError(f"data.source={source!r}: unknown source; use {usage()}")
+    if entry.argument and not argument:
+        raise DataError(f"data.source={source!r} needs {name}:{entry.argument}")
+    if not entry.argument and colon:
+        raise DataError(f"data.source={source!r}: '{name}' takes no argument")
+    return entry, argument

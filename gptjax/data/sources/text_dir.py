@@ -1,0 +1,15 @@
+"""`text_dir:PATH`: every .txt, .md and .jsonl file under PATH (see gptjax/data/corpus.py)."""
+
+from __future__ import annotations
+
+from gptjax.data import corpus
+
+
+def documents(argument: str):
+    corpus.text_dir_files(argument)  # fail now, not halfway through preparing
+    return lambda: corpus.iter_text_dir(argument)
+
+
+def fingerprint(argument: str) -> str:
+    root, files = corpus.text_dir_files(argument)
+    return corpus.fingerprint_files(root, files)

@@ -1,0 +1,157 @@
+"""Run directories: create one for training, check a resume against it, load a trained one
+for inference on whatever devices this process has, and export its weights.
+
+A run directory holds config.yaml, tokenizer.model, metrics.jsonl, checkpoints/ (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from gptjax import checkpoint, config, model, steps
+from gptjax.checkpoint import CheckpointError
+from gptjax.config import Config, ConfigError
+from gptjax.data import Dataset, load_dataset
+from gptjax.data import tokenizer as tok
+
+
+def read_config(run_dir: str | Path) -> Config:
+    """The run's saved config, its mesh reset to this process's devices (a run trained on any
+    mesh or host count loads on one device)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = config.load(run_dir / "config.yaml")
+    return cfg.model_copy(update={"mesh": cfg.mesh.on_local_devices()})
+
+
+def load_run(run_dir: str | Path, step: int | None = None, devices=None):
+    """(setup, params, tokenizer) of a run_dir's newest (or given) checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    setup = steps.build(cfg, devices or jax.devices()[:1])
+    # read_only: the run may be training (and saving) right now
+    ckpt = checkpoint.Checkpointer(run_dir, async_save=False, read_only=True)
+    try:
+        state = ckpt.restore(setup.abstract_state, step)
+    finally:
+        ckpt.close()
+    tokenizer = tok.Tokenizer.load(run_dir / "tokenizer.model")
+    return setup, state["params"], tokenizer
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"run_dir {run_dir} is not writable: {error.strerror}") from None
+    return run_dir
+
+
+def shape_changes(old: Config, new: Config) -> list[str]:
+    """The parameters whose shapes differ between two configs (from the model's own shapes)."""
+    a, b = model.param_shapes(old.model), model.param_shapes(new.model)
+    return [
+        f"{name} {list(a[name]) if name in a else 'absent'} -> "
+        f"{list(b[name]) if name in b else 'absent'}"
+        for name in sorted(set(a) | set(b))
+        if a.get(name) != b.get(name)
+    ]
+
+
+def check_resume(run_dir: Path, cfg: Config) -> list[str]:
+    """Refuse to resume a run whose saved config has different parameter shapes; return the
+    other settings that changed (mesh, batch size, steps, schedule: allowed on resume)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = config.load(saved_path)
+    except ConfigError as error:
+        raise ConfigError(f"{saved_path}: {error}") from None
+    differ = shape_changes(saved, cfg)
+    if differ:
+        raise ConfigError(
+            f"{run_dir} holds a run with different parameter shapes: {'; '.join(differ)}; "
+            "use a new run_dir"
+        )
+    before, after = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    return [
+        f"{key}: {before.get(key)} -> {after.get(key)}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "rules":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_data(cfg: Config, run_dir: Path, progress: bool = False) -> Dataset:
+    """The run's data (prepared first when not cached); a resumed run keeps the tokenizer saved
+    in its run_dir."""
+    saved = run_dir / "tokenizer.model"
+    tokenizer = saved if saved.is_file() else None
+    data = load_dataset(cfg.data, cfg.model.seq_len, tokenizer, cfg.model.vocab_size, progress)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size="
+            f"{cfg.model.vocab_size}; raise model.vocab_size"
+        )
+    return data
+
+
+def flatten(params: Any) -> dict[str, np.ndarray]:
+    """{"blocks.qkv_w": array, ...}: the parameter tree as dotted names."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = ".".join(str(getattr(key, "key", key)) for key in path)
+        out[name] = np.asarray(jax.device_get(leaf))
+    return out
+
+
+def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Consolidated parameters (params.npz, f32, dotted names) + config.yaml + tokenizer.model."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new --out")
+    if step is None and (run_dir / "config.yaml").is_file():  # record which step "newest" was
+        reader = checkpoint.Checkpointer(run_dir, async_save=False, read_only=True)
+        step = reader.latest_step()
+        reader.close()
+    setup, params, _ = load_run(run_dir, step)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create {out}: {error.strerror}") from None
+    # f32 for any float (bfloat16 parameters would need ml_dtypes to load)
+    arrays = {
+        name: a.astype(np.float32) if jax.dtypes.issubdtype(a.dtype, np.floating) else a
+        for name, a in flatten(params).items()
+    }
+    scratch = out / ".params.npz.tmp"
+    with open(scratch, "wb") as file:
+        np.savez(file, **arrays)
+    scratch.rename(out / "params.npz")
+    shutil.copy(run_dir / "tokenizer.model", out / "tokenizer.model")
+    (out / "config.yaml").write_text(setup.cfg.to_yaml())
+    meta = {"step": int(step) if step is not None else None, "source": str(run_dir.absolute())}
+    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    return out

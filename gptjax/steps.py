@@ -1,0 +1,308 @@
+"""The step library: everything needed to run the model on a mesh, without the training loop.
+
+`build` turns a config into a `Setup` (mesh, shardings, abstract state, optimiser) before any
+array exists; `make_train_step` and `make_eval_step` jit the pure step functions with explicit
+shardings. `sample`, `eval`, `plan`, `bench`, the sweep and chat commands import this module;
+only `gptjax/train.py` (the loop) adds data, checkpoints and logging around it.
+
+TrainState is a plain pytree {"params", "opt_state", "step"}. A batch is a dict of [B, T] int32
+arrays (gptjax/data/batch.py). The loss is a masked sum over the scored tokens divided by their
+count over the whole global batch, so it is the exact mean however the scored tokens fall
+across micro-batches and devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptjax import loss as vocab_loss
+from gptjax import model, optim, sharding
+from gptjax.config import Config
+from gptjax.data import batch as batch_module
+from gptjax.data import loader as data_loader
+
+
+@dataclass
+class Setup:
+    """Everything derived from the config before any array exists."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    rules: dict
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any  # pytree of NamedSharding matching TrainState
+    abstract_state: Any  # pytree of ShapeDtypeStruct (with shardings)
+    batch_sharding: NamedSharding  # every [batch, seq] array of a batch dict
+
+    def activate(self):
+        return sharding.activate(self.mesh, self.rules)
+
+    @property
+    def batch_shardings(self) -> dict[str, NamedSharding]:
+        return {key: self.batch_sharding for key in batch_module.KEYS}
+
+    def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """The step's input as shapes: [batch_size, seq_len] int32 per key, sharded."""
+        shape = (batch_size or self.cfg.train.batch_size, self.cfg.model.seq_len)
+        return {
+            key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+            for key in batch_module.KEYS
+        }
+
+
+def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
+    """Mesh, shardings and the abstract TrainState; errors here happen before compiling."""
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    graphdef, abstract_params = model.abstract(cfg.model)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    shapes = nnx.to_pure_dict(abstract_params)
+    param_specs = jax.tree.map(
+        lambda names: sharding.logical_to_spec(tuple(names), rules),
+        logical,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    param_axes = sharding.check_parameters(shapes, logical, rules, mesh)
+    batch_axes = sharding.check_batch(cfg.train.batch_size, cfg.train.micro_batches, rules, mesh)
+    sharding.warn_idle_axes(mesh, param_axes, batch_axes)
+    batch_spec = sharding.logical_to_spec(("batch", None), rules)
+
+    schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    decay = model.declared(abstract_params, "decay")
+    optimizer = optim.make(cfg.optim, cfg.train.steps, decay)
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    opt_specs = optax.tree_map_params(
+        optimizer,
+        lambda _, spec: spec,
+        opt_shapes,
+        param_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=is_spec,
+    )
+    specs = {"params": param_specs, "opt_state": opt_specs, "step": PartitionSpec()}
+    state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+    shapes_tree = {
+        "params": shapes,
+        "opt_state": opt_shapes,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes_tree,
+        state_shardings,
+    )
+    return Setup(
+        cfg=cfg,
+        mesh=mesh,
+        rules=rules,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        schedule=schedule,
+        state_shardings=state_shardings,
+        abstract_state=abstract_state,
+        batch_sharding=NamedSharding(mesh, batch_spec),
+    )
+
+
+def init_state(setup: Setup) -> dict[str, Any]:
+    """Parameters and optimiser state created directly in their shards."""
+    cfg = setup.cfg
+
+    def init():
+        params = model.init_params(cfg.model, cfg.seed)
+        return {
+            "params": params,
+            "opt_state": setup.optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    with setup.activate():
+        return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def fresh_state(setup: Setup, params: Any) -> dict[str, Any]:
+    """A step-0 TrainState around given parameters (fine-tuning): fresh optimiser state."""
+
+    def init(params):
+        return {
+            "params": params,
+            "opt_state": setup.optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    with setup.activate():
+        return jax.jit(init, out_shardings=setup.state_shardings)(params)
+
+
+# --- the loss -----------------------------------------------------------------------------------
+
+
+def token_losses(graphdef, params, batch: dict, key=None, segments: bool = False) -> jax.Array:
+    """Per-token cross-entropy [B, T] (nats, f32) of predicting batch["targets"].
+
+    `segments` (data.packing=segments): attention stays inside each segment and positions
+    restart; otherwise each row is one causal sequence (the fast path, cuDNN-capable)."""
+    gpt = nnx.merge(graphdef, params)
+    cfg = gpt.cfg
+    positions = batch["positions"] if segments else None
+    segments = batch["segment_ids"] if segments else None
+    h_BTD = gpt.hidden(batch["inputs"], key, positions_BT=positions, segment_ids_BT=segments)
+    # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/loss.py)
+    return vocab_loss.token_losses(h_BTD, gpt.head(), batch["targets"], cfg.loss_chunk, cfg.vocab)
+
+
+def masked_sum(losses_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    return (losses_BT * mask_BT.astype(jnp.float32)).sum()
+
+
+def loss_and_grads(graphdef, params, batch: dict, micro_batches: int, key=None, segments=False):
+    """(mean loss over scored tokens, its gradient, the number of scored tokens).
+
+    The batch splits into `micro_batches` (row m, m+M, m+2M, ... go to micro-batch m, so every
+    device holds part of each); each contributes its masked loss sum divided by the whole
+    batch's scored-token count, and the gradients add up in one f32 buffer in a `lax.scan`.
+    """
+    count = batch["loss_mask"].astype(jnp.float32).sum()
+    denominator = jnp.maximum(count, 1.0)
+
+    def loss_fn(params, micro, key):
+        losses = token_losses(graphdef, params, micro, key, segments)
+        return masked_sum(losses, micro["loss_mask"]) / denominator
+
+    if micro_batches == 1:
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        return loss, grads, count
+
+    def split(a):
+        B = a.shape[0]
+        return a.reshape(B // micro_batches, micro_batches, *a.shape[1:]).swapaxes(0, 1)
+
+    micro_batches_tree = jax.tree.map(split, batch)
+
+    def accumulate(carry, xs):
+        loss_sum, grad_sum = carry
+        index, micro = xs
+        micro = {k: sharding.constrain(v, ("batch", None)) for k, v in micro.items()}
+        sub_key = None if key is None else jax.random.fold_in(key, index)
+        loss, grads = jax.value_and_grad(loss_fn)(params, micro, sub_key)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, grads), _ = jax.lax.scan(
+        accumulate,
+        (jnp.zeros((), jnp.float32), zeros),
+        (jnp.arange(micro_batches), micro_batches_tree),
+    )
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, grads, count
+
+
+# --- jitted steps -------------------------------------------------------------------------------
+
+
+def make_train_step(setup: Setup):
+    """jit(state, batch dict) -> (state, metrics); the state is donated."""
+    cfg, graphdef = setup.cfg, setup.graphdef
+    use_dropout = cfg.model.dropout > 0
+    segments = cfg.data.packing == "segments"
+
+    def step_fn(state, batch):
+        params = state["params"]
+        key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"]) if use_dropout else None
+        M = cfg.train.micro_batches
+        loss, grads, count = loss_and_grads(graphdef, params, batch, M, key, segments)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+        # A non-finite loss or gradient skips the update (the step still advances, so the data
+        # moves on): the state stays finite and is safe to checkpoint.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_state = {
+            "params": jax.tree.map(keep, optax.apply_updates(params, updates), params),
+            "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+        }
+        stats = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": setup.schedule(state["step"]),
+            "skipped": (~finite).astype(jnp.int32),
+            "scored_tokens": count,
+        }
+        return new_state, stats
+
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(setup.state_shardings, setup.batch_shardings),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=0,
+    )
+
+    def run(state, batch):
+        with setup.activate():
+            return jitted(state, batch)
+
+    run.jitted = jitted  # for ahead-of-time lowering (gptjax plan); lower under setup.activate()
+    return run
+
+
+def make_eval_step(setup: Setup, token_bytes: np.ndarray):
+    """jit(params, batch) -> (sum of scored token losses in nats, tokens scored, their UTF-8
+    bytes)."""
+    segments = setup.cfg.data.packing == "segments"
+    table = np.zeros(setup.cfg.model.vocab_size, np.float32)
+    table[: len(token_bytes)] = token_bytes
+
+    def eval_fn(params, batch):
+        losses = token_losses(setup.graphdef, params, batch, segments=segments)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        n_bytes = (jnp.asarray(table)[batch["targets"]] * mask).sum()
+        return masked_sum(losses, mask), mask.sum(), n_bytes
+
+    jitted = jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.batch_shardings))
+
+    def run(params, batch):
+        with setup.activate():
+            return jitted(params, batch)
+
+    return run
+
+
+# --- batches and evaluation ---------------------------------------------------------------------
+
+
+def global_batch(setup: Setup, rows_fn, batch_size: int) -> dict[str, jax.Array]:
+    """Assemble the global batch dict ([batch_size, T] per key); each process reads only its
+    own rows, once: rows_fn(start, stop) -> batch dict of those rows (gptjax/data/loader.py)."""
+    shape = (batch_size, setup.cfg.model.seq_len)
+    return data_loader.assemble(setup.batch_sharding, shape, rows_fn)
+
+
+def evaluate(setup: Setup, eval_step, params, data, n_batches: int) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte over `n_batches` fixed batches."""
+    batch_size = setup.cfg.train.batch_size
+    totals = np.zeros(3)
+    for k in range(n_batches):
+        batch = global_batch(
+            setup, lambda a, b, k=k: data.val_batch(k, batch_size, a, b), batch_size
+        )
+        totals += np.array([float(x) for x in eval_step(params, batch)])
+    loss_sum, tokens, n_bytes = totals
+    loss = loss_sum / max(tokens, 1)
+    return {
+        "eval_loss": float(loss),
+        "eval_ppl": float(math.exp(min(loss, 700))),
+        "eval_bpb": float(loss_sum / (math.log(2) * max(n_bytes, 1))),
+    }
