@@ -81,12 +81,18 @@ def check_resume(run_dir: Path, cfg: Config) -> list[str]:
     except ConfigError as error:
         raise ConfigError(f"{saved_path}: {error}") from None
     differ = shape_changes(saved, cfg)
-    if differ:
-        raise ConfigError(
-            f"{run_dir} holds a run with different parameter shapes: {'; '.join(differ)}; "
-            "use a new run_dir"
-        )
     before, after = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    if differ:
+        keys = [
+            f"{key} ({before.get(key)} -> {after.get(key)})"
+            for key in sorted(set(before) | set(after))
+            if key.startswith("model.") and before.get(key) != after.get(key)
+        ]
+        shown = "; ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise ConfigError(
+            f"{run_dir} holds a run with different parameter shapes: {', '.join(keys)} "
+            f"({shown}); use a new run_dir"
+        )
     return [
         f"{key}: {before.get(key)} -> {after.get(key)}"
         for key in sorted(set(before) | set(after))

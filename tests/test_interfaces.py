@@ -189,7 +189,8 @@ def test_a_resume_with_other_shapes_names_the_parameters(tmp_path, cache_dir):
     cfg = tiny_config(tmp_path, cache_dir)
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     wider = tiny_config(tmp_path, cache_dir, "model.d_ff=128")
-    with pytest.raises(config.ConfigError, match=r"blocks\.fc_w \[2, 64, 256\] -> \[2, 64, 128\]"):
+    match = r"model.d_ff \(None -> 128\) \(blocks\.fc_b \[2, 256\] -> \[2, 128\]; blocks\.fc_w"
+    with pytest.raises(config.ConfigError, match=match):
         runs.check_resume(tmp_path, wider)
 
 
