@@ -1,4 +1,5 @@
-"""`gptjax` / `python -m gptjax`: train, sample, eval, export, bench, plan, plot, data, launch.
+"""`gptjax` / `python -m gptjax`: train, sample, eval, export, import, bench, plan, plot, data,
+launch.
 
 A user's mistake prints one line (`gptjax: error: ...`) and exits 2."""
 
@@ -15,6 +16,7 @@ from gptjax.config import ConfigError
 from gptjax.data import DataError
 from gptjax.distributed import DistributedError
 from gptjax.faults import TrainingError
+from gptjax.interop import InteropError
 from gptjax.launch import LaunchError
 from gptjax.launch import add_arguments as add_launch_arguments
 
@@ -25,6 +27,7 @@ USER_ERRORS = (
     DistributedError,
     LaunchError,
     TrainingError,
+    InteropError,
 )
 
 
@@ -84,25 +87,36 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from gptjax import runs
+    if args.format == "hf":
+        from gptjax.interop import hf
 
-    out = runs.export(args.run_dir, args.out, args.step)
+        out = hf.export_run(args.run_dir, args.out, args.step)
+    else:
+        from gptjax import runs
+
+        out = runs.export(args.run_dir, args.out, args.step)
     print(json.dumps({"exported": str(out)}))
     return 0
 
 
-def _data_prepare(args) -> int:
-    from pathlib import Path
+def _import(args) -> int:
+    from gptjax.interop import hf
 
+    run_dir = hf.import_run(args.directory, args.run_dir, args.overrides)
+    print(json.dumps({"imported": str(args.directory), "run_dir": str(run_dir)}))
+    return 0
+
+
+def _data_prepare(args) -> int:
     from gptjax import config
     from gptjax.data import pipeline
+    from gptjax.data import tokenizer as tok
 
     cfg = config.load(args.config, args.overrides)
-    saved = Path(cfg.run_dir) / "tokenizer.model"  # a run keeps its tokenizer
     directory = pipeline.prepare(
         cfg.data,
         cfg.model.seq_len,
-        saved if saved.is_file() else None,
+        tok.find(cfg.run_dir),  # a run keeps its tokenizer
         max_vocab=cfg.model.vocab_size,
         progress=not args.no_progress,
     )
@@ -189,11 +203,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=0, help="default: the whole validation set")
     p.set_defaults(run=_eval)
 
-    p = commands.add_parser("export", help="consolidated parameters (params.npz) for elsewhere")
+    p = commands.add_parser(
+        "export", help="a run's weights for elsewhere: params.npz, or a Hugging Face GPT-2 dir"
+    )
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="a new (or empty) directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    p.add_argument(
+        "--format",
+        choices=("npz", "hf"),
+        default="npz",
+        help="npz: params.npz + config.yaml; hf: model.safetensors + config.json + tokenizer "
+        "for transformers (needs the [hf] extra)",
+    )
     p.set_defaults(run=_export)
+
+    p = commands.add_parser(
+        "import", help="a run at step 0 from another format: `import hf DIR --run-dir RUN`"
+    )
+    p.add_argument("format", choices=("hf",), help="hf: a local Hugging Face GPT-2 directory")
+    p.add_argument("directory", help="holds config.json, the weights and the tokenizer")
+    p.add_argument("--run-dir", required=True, help="the new run directory (must not exist)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value for the run, e.g. model.seq_len=256"
+    )
+    p.set_defaults(run=_import)
 
     p = commands.add_parser("bench", help="steady-state training throughput; one JSON line")
     p.add_argument("config")

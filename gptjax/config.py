@@ -141,7 +141,9 @@ class MeshConfig(_Section):
 
 class DataConfig(_Section):
     source: str = "stdlib"
-    tokenizer: str | None = Field(None, description="path to a SentencePiece model; None: train")
+    tokenizer: str | None = Field(
+        None, description="tokenizer file (.model: SentencePiece, .json: BPE); None: train"
+    )
     vocab_size: int = Field(8192, gt=255, description="pieces when training the tokenizer")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     cache_dir: str | None = Field(None, description="default: $GPTJAX_CACHE or ~/.cache/gptjax")

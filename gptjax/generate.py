@@ -42,7 +42,7 @@ def _next_token(params, window_T, position, key, *, graphdef, vocab, temperature
 def sample(
     setup: steps.Setup,
     params: Any,
-    tokenizer: tok.Tokenizer,
+    tokenizer: tok.TextTokenizer,
     prompt: str,
     max_new_tokens: int = 200,
     temperature: float = 0.8,

@@ -1,7 +1,8 @@
 """Run directories: create one for training, check a resume against it, load a trained one
 for inference on whatever devices this process has, and export its weights.
 
-A run directory holds config.yaml, tokenizer.model, metrics.jsonl, checkpoints/ (see README).
+A run directory holds config.yaml, its tokenizer (tokenizer.model: SentencePiece, or
+tokenizer.json: byte-level BPE), metrics.jsonl, checkpoints/ (see README).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def load_run(run_dir: str | Path, step: int | None = None, devices=None):
         state = ckpt.restore(setup.abstract_state, step)
     finally:
         ckpt.close()
-    tokenizer = tok.Tokenizer.load(run_dir / "tokenizer.model")
+    tokenizer = tok.load(run_dir)
     return setup, state["params"], tokenizer
 
 
@@ -113,8 +114,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 def load_data(cfg: Config, run_dir: Path, progress: bool = False) -> Dataset:
     """The run's data (prepared first when not cached); a resumed run keeps the tokenizer saved
     in its run_dir."""
-    saved = run_dir / "tokenizer.model"
-    tokenizer = saved if saved.is_file() else None
+    tokenizer = tok.find(run_dir)
     data = load_dataset(cfg.data, cfg.model.seq_len, tokenizer, cfg.model.vocab_size, progress)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -134,7 +134,7 @@ def flatten(params: Any) -> dict[str, np.ndarray]:
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """Consolidated parameters (params.npz, f32, dotted names) + config.yaml + tokenizer.model."""
+    """Consolidated parameters (params.npz, f32, dotted names) + config.yaml + the tokenizer."""
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not an empty directory; choose a new --out")
@@ -156,7 +156,8 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     with open(scratch, "wb") as file:
         np.savez(file, **arrays)
     scratch.rename(out / "params.npz")
-    shutil.copy(run_dir / "tokenizer.model", out / "tokenizer.model")
+    saved = tok.find(run_dir)
+    shutil.copy(saved, out / saved.name)
     (out / "config.yaml").write_text(setup.cfg.to_yaml())
     meta = {"step": int(step) if step is not None else None, "source": str(run_dir.absolute())}
     (out / "export.json").write_text(json.dumps(meta, indent=1))

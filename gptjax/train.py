@@ -16,6 +16,7 @@ import jax
 from gptjax import checkpoint, debug, distributed, metrics, runs, steps
 from gptjax.config import Config
 from gptjax.data import loader as data_loader
+from gptjax.data import tokenizer as tok
 from gptjax.faults import NonFiniteSteps, PreemptionGuard
 
 
@@ -59,8 +60,8 @@ def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     data = runs.load_data(cfg, run_dir, progress=progress and lead)
     if lead:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        if not (run_dir / "tokenizer.model").is_file():
-            data.tokenizer.save(run_dir / "tokenizer.model")
+        if tok.find(run_dir) is None:
+            data.tokenizer.save(run_dir / data.tokenizer.filename)
 
     ckpt = checkpoint.Checkpointer(
         run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, cfg.checkpoint.keep_period

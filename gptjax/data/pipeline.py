@@ -5,7 +5,8 @@ temporary name and renamed when complete, so nothing half-written is ever reused
 
     cache/documents/KEY/   local sources as a TFDS ArrayRecord dataset     (documents.py)
     cache/tokenizers/KEY.model   SentencePiece BPE trained on a capped sample of train documents
-    cache/packed/KEY/      tokenizer.model, train.array_record, val.array_record, meta.json
+    cache/packed/KEY/      the tokenizer file (tokenizer.model or .json), train.array_record,
+                           val.array_record, meta.json
 
 The packed key covers the documents (source content), the tokenizer bytes and seq_len.
 
@@ -146,7 +147,7 @@ def _pack_split(split, limit, tokenizer, path: Path, window: int, bar) -> dict:
 
 def _tokenizer_for(cfg: DataConfig, tokenizer_path, max_vocab, documents, root, progress):
     if tokenizer_path is not None:
-        tokenizer = tok.Tokenizer.load(tokenizer_path)
+        tokenizer = tok.load(tokenizer_path)
         where = str(tokenizer_path)
     else:
         if max_vocab is not None and cfg.vocab_size > max_vocab:
@@ -197,7 +198,7 @@ def prepare(
 
     def build(scratch: Path) -> None:
         started = time.perf_counter()
-        tokenizer.save(scratch / "tokenizer.model")
+        tokenizer.save(scratch / tokenizer.filename)
         window = seq_len + 1
         train_path, val_path = scratch / "train.array_record", scratch / "val.array_record"
         train = _pack_split(documents.train, None, tokenizer, train_path, window, bar)
@@ -237,7 +238,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 @dataclass(eq=False)
 class Dataset:
-    tokenizer: tok.Tokenizer
+    tokenizer: tok.TextTokenizer
     train: PackedWindows  # N windows of seq_len + 1 int32 tokens
     val: PackedWindows  # M held-out windows
     token_bytes: np.ndarray  # [vocab] UTF-8 bytes per token
@@ -290,7 +291,7 @@ def load_dataset(
 ) -> Dataset:
     """Prepare (or reuse) the packed windows and open them for random access."""
     directory = prepare(cfg, seq_len, tokenizer_path, max_vocab, progress)
-    tokenizer = tok.Tokenizer.load(directory / "tokenizer.model")
+    tokenizer = tok.load(directory)
     window = seq_len + 1
     train = PackedWindows(directory / "train.array_record", window)
     val = PackedWindows(directory / "val.array_record", window)

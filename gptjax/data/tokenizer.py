@@ -1,6 +1,11 @@
 """SentencePiece BPE that round-trips text exactly (code included): no normalisation, whitespace
 kept, digits split, unknown characters as UTF-8 bytes. Id 1 is the end-of-document token of the
-tokenizers trained here; a given model uses its own `eos` id."""
+tokenizers trained here; a given model uses its own `eos` id.
+
+Every tokenizer gptjax uses has the interface of `TextTokenizer`; a directory (a run, the data
+cache) holds one tokenizer file whose name says its kind: `tokenizer.model` (SentencePiece, this
+module) or `tokenizer.json` (GPT-2 style byte-level BPE, gptjax/data/bpe.py). `find` and `load`
+dispatch on that name."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import io
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -66,7 +72,54 @@ def train(texts: Iterable[str], vocab_size: int, max_bytes: int = 20_000_000) ->
     return model.getvalue()
 
 
+class TextTokenizer(Protocol):
+    """What gptjax needs of a tokenizer (data packing, sampling, bits per byte, run dirs)."""
+
+    filename: str  # the file it is saved as in a directory
+    model_bytes: bytes  # that file's contents (the data cache keys on them)
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eod_id(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def token_bytes(self) -> np.ndarray: ...
+    def save(self, path: str | Path) -> None: ...
+
+
+def _kinds() -> dict[str, type]:
+    from gptjax.data.bpe import BPETokenizer
+
+    return {Tokenizer.filename: Tokenizer, BPETokenizer.filename: BPETokenizer}
+
+
+def find(directory: str | Path) -> Path | None:
+    """The tokenizer file saved in `directory` (tokenizer.model or tokenizer.json), or None."""
+    for name in _kinds():
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def load(path: str | Path) -> TextTokenizer:
+    """The tokenizer in a file (by its suffix: .json is BPE, else SentencePiece) or a directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = find(path)
+        if found is None:
+            raise DataError(f"no tokenizer ({' or '.join(_kinds())}) in {path}")
+        path = found
+    kind = _kinds()["tokenizer.json"] if path.suffix == ".json" else Tokenizer
+    return kind.load(path)
+
+
 class Tokenizer:
+    """SentencePiece (the tokenizers gptjax trains)."""
+
+    filename = "tokenizer.model"
+
     def __init__(self, model: bytes):
         self.model_bytes = model
         self.sp = spm.SentencePieceProcessor(model_proto=model)

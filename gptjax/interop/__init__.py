@@ -1,0 +1,10 @@
+"""Other tools' formats: Hugging Face GPT-2 import and export (gptjax/interop/hf.py, with the
+tokenizer side in gptjax/interop/hf_tokenizer.py). Importing this package is light; the `[hf]`
+extra (safetensors, tokenizers, transformers, torch) loads only when a conversion runs."""
+
+
+class InteropError(ValueError):
+    """A directory or checkpoint gptjax cannot import or export; the message is one line."""
+
+
+INSTALL_HINT = "pip install 'gptjax[hf]'"
