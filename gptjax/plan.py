@@ -130,7 +130,7 @@ def xla_memory(setup: steps.Setup, compiled: jax.stages.Compiled | None = None):
         "temp": stats.temp_size_in_bytes,
     }
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    out["state"] = out["argument"] - _shard_bytes(batch_spec(setup))
+    out["state"] = out["argument"] - sum(_shard_bytes(x) for x in batch_spec(setup).values())
     return out
 
 
