@@ -1,5 +1,5 @@
 """`gptjax` / `python -m gptjax`: train, sample, eval, export, import, bench, plan, plot, data,
-launch.
+launch, sweep.
 
 A user's mistake prints one line (`gptjax: error: ...`) and exits 2."""
 
@@ -15,6 +15,7 @@ from gptjax.checkpoint import CheckpointError
 from gptjax.config import ConfigError
 from gptjax.data import DataError
 from gptjax.distributed import DistributedError
+from gptjax.experiments.cli import add_arguments as add_sweep_arguments
 from gptjax.faults import TrainingError
 from gptjax.interop import InteropError
 from gptjax.launch import LaunchError
@@ -265,6 +266,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.source=text_dir:DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_data_prepare)
+
+    p = commands.add_parser(
+        "sweep", help="scaling experiments: sweep plan|run|status|report|fit|emit SPEC"
+    )
+    add_sweep_arguments(p)
     return top
 
 

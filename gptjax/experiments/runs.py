@@ -1,0 +1,228 @@
+"""What a sweep's run directory says about its run: status, progress and its row of results.
+
+A run directory is a normal gptjax run_dir (config.yaml, metrics.jsonl, checkpoints/) plus two
+files the sweep keeps beside them:
+
+    sweep.lock     held (flock) by the process running the run; released when that process dies
+    sweep.jsonl    one line per attempt: {"host", "started", "seconds", "returncode", "error"}
+
+Status, from the disk alone (so any process, on any host, can read it):
+
+    finished     the final evaluation (step == train.steps) is in metrics.jsonl and the
+                 checkpoint of that step exists
+    running      another process holds sweep.lock
+    failed       the last attempt exited non-zero; its error line is kept
+    interrupted  it has trained (metrics or a checkpoint) but is not finished: a rerun resumes it
+    pending      nothing yet
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptjax.experiments.spec import Run, run_numbers
+
+STATUSES = ("finished", "running", "interrupted", "failed", "pending")
+LOCK = "sweep.lock"
+ATTEMPTS = "sweep.jsonl"
+LOG = "sweep.log"
+
+
+@dataclass
+class RunState:
+    status: str
+    step: int  # the newest step it reached (metrics or checkpoint)
+    checkpoint: int | None  # the newest complete checkpoint
+    eval_loss: float | None  # the final evaluation (None unless finished)
+    eval_bpb: float | None
+    train_seconds: float | None  # training time from the logged tokens/s (no compile, no eval)
+    wall_seconds: float  # all attempts, start to exit
+    error: str | None  # the last attempt's error line, if it failed
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of `path` (none if missing); a torn or broken line is skipped."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Complete checkpoints (Orbax renames a step's directory to its number once written)."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether another process holds the run's lock (i.e. is running it now)."""
+    path = run_dir / LOCK
+    if not path.is_file():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            return error.errno in (errno.EAGAIN, errno.EACCES)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def acquire(run_dir: Path):
+    """Take the run's lock; returns the open file holding it, or None if another process has it.
+
+    A filesystem without flock (some network mounts) runs without the lock."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a")  # noqa: SIM115 (held until release)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            handle.close()
+            return None
+    return handle
+
+
+def release(handle) -> None:
+    if handle is not None:
+        handle.close()  # closing the file drops the flock
+
+
+def record_attempt(run_dir: Path, started: float, returncode: int, error: str | None) -> None:
+    line = {
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "returncode": returncode,
+        "error": error,
+    }
+    with open(run_dir / ATTEMPTS, "a") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def train_seconds(records: list[dict[str, Any]], tokens_per_step: int, log_every: int) -> float:
+    """Training time from the logged throughput: each tokens/s line covers the steps since the
+    previous one (log_every after a resume repeats steps)."""
+    total, previous = 0.0, 0
+    for record in records:
+        if not record.get("tokens_per_s"):
+            continue
+        steps = record["step"] - previous
+        steps = steps if steps > 0 else log_every
+        total += steps * tokens_per_step / record["tokens_per_s"]
+        previous = record["step"]
+    return total
+
+
+def read_state(run: Run) -> RunState:
+    cfg, run_dir = run.config, run.directory
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    checkpoints = checkpoint_steps(run_dir)
+    attempts = read_jsonl(run_dir / ATTEMPTS)
+    final = [
+        r for r in records if r.get("step") == cfg.train.steps and r.get("eval_loss") is not None
+    ]
+    done = bool(final) and cfg.train.steps in checkpoints
+    step = max([r.get("step", 0) for r in records] + checkpoints + [0])
+    error = attempts[-1].get("error") if attempts and attempts[-1].get("returncode") else None
+    if done:
+        status = "finished"
+    elif is_locked(run_dir):
+        status = "running"
+    elif error:
+        status = "failed"
+    elif records or checkpoints:
+        status = "interrupted"
+    else:
+        status = "pending"
+    seconds = None
+    if records:
+        tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+        seconds = train_seconds(records, tokens_per_step, cfg.train.log_every)
+    return RunState(
+        status=status,
+        step=step,
+        checkpoint=checkpoints[-1] if checkpoints else None,
+        eval_loss=final[-1]["eval_loss"] if done else None,
+        eval_bpb=final[-1].get("eval_bpb") if done else None,
+        train_seconds=seconds,
+        wall_seconds=sum(a.get("seconds", 0.0) for a in attempts),
+        error=error if status == "failed" else None,
+    )
+
+
+def last_step(run_dir: Path) -> int:
+    """The newest step in metrics.jsonl (cheap enough to poll: reads the file's tail)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 4096))
+            tail = handle.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return 0
+
+
+RESULT_COLUMNS = (
+    "run",
+    "params",
+    "non_embedding_params",
+    "tokens",
+    "flops",
+    "eval_loss",
+    "eval_bpb",
+    "status",
+    "budget",
+    "steps",
+    "step",
+    "train_seconds",
+    "wall_seconds",
+    "label",
+)
+
+
+def result_row(run: Run, state: RunState) -> dict[str, Any]:
+    """The run's row of results.csv (eval columns only for a finished run)."""
+    numbers = run_numbers(run.config)
+    return {
+        "run": run.name,
+        "params": numbers["params"],
+        "non_embedding_params": numbers["non_embedding_params"],
+        "tokens": numbers["tokens"],
+        "flops": numbers["flops"],
+        "eval_loss": state.eval_loss,
+        "eval_bpb": state.eval_bpb,
+        "status": state.status,
+        "budget": run.budget,
+        "steps": numbers["steps"],
+        "step": state.step,
+        "train_seconds": None if state.train_seconds is None else round(state.train_seconds, 1),
+        "wall_seconds": round(state.wall_seconds, 1),
+        "label": run.label,
+    }
