@@ -151,3 +151,12 @@ def test_bad_spec_via_the_cli(tmp_path, case):
     [line] = done.stderr.splitlines()
     assert line.startswith(f"gptjax: error: {path}: {message}")
     assert not (tmp_path / "sweep").exists()  # nothing written
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=str)
+def test_shipped_specs_expand(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # their paths start from the repository root
+    sweep = spec.load(path)
+    budgets = [r.budget for r in sweep.runs]
+    if sweep.spec.isoflop is not None:  # every budget has enough sizes for a parabola
+        assert all(budgets.count(b) >= 3 for b in sweep.spec.isoflop.budgets)

@@ -47,14 +47,15 @@ def _plan(args) -> int:
         f"(gptjax's count: 6N + attention), plan {sweep.digest}"
     )
     print(
-        f"{'#':>4} {'run':<11}{'params':>12}{'non-emb':>11}{'tokens':>12}{'steps':>7}"
-        f"{'FLOPs':>10}{'time':>8}  {'status':<12}label"
+        f"{'#':>4} {'run':<10} {'params':>12} {'non-emb':>12} {'tokens':>13} {'steps':>7} "
+        f"{'FLOPs':>9} {'time':>6}  {'status':<12}label"
     )
     for run, row in zip(sweep.runs, rows, strict=True):
         print(
-            f"{run.index:>4} {run.name:<11}{row['params']:>12,}{row['non_embedding_params']:>11,}"
-            f"{row['tokens']:>12,}{row['steps']:>7}{row['flops']:>10.2e}"
-            f"{_duration(row['seconds_left']):>8}  {row['status']:<12}{run.label}"
+            f"{run.index:>4} {run.name:<10} {row['params']:>12,} "
+            f"{row['non_embedding_params']:>12,} {row['tokens']:>13,} {row['steps']:>7} "
+            f"{row['flops']:>9.2e} {_duration(row['seconds_left']):>6}  {row['status']:<12}"
+            f"{run.label}"
         )
     print(
         f"time left with {args.workers} worker(s): about {_duration(total)} ({source}; "
