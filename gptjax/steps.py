@@ -78,9 +78,10 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
     sharding.warn_idle_axes(mesh, param_axes, batch_axes)
     batch_spec = sharding.logical_to_spec(("batch", None), rules)
 
-    schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    schedule = optim.schedule(cfg.optim, cfg.train.steps, tokens_per_step)
     decay = model.declared(abstract_params, "decay")
-    optimizer = optim.make(cfg.optim, cfg.train.steps, decay)
+    optimizer = optim.make(cfg.optim, cfg.train.steps, decay, tokens_per_step)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
     is_spec = lambda x: isinstance(x, PartitionSpec)
     opt_specs = optax.tree_map_params(

@@ -1,9 +1,11 @@
 """Schedule values, the weight-decay mask, and gradient accumulation inside the train step."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 from gptjax import config, model, optim, steps
 from gptjax.data.batch import from_windows
@@ -24,6 +26,56 @@ def test_wsd_schedule_is_flat_then_decays():
     lr = optim.schedule(cfg, 100)
     assert float(lr(10)) == pytest.approx(1.0) and float(lr(79)) == pytest.approx(1.0)
     assert float(lr(90)) == pytest.approx(0.55) and float(lr(100)) == pytest.approx(0.1)
+
+
+# lr 1, floor 0.1, warmup 2 steps, cosine over steps 2..6, then flat: by hand,
+# 0.1 + 0.9 * (1 + cos(pi * (s - 2) / 4)) / 2 for s in 2..6.
+HAND_COSINE_THEN_FLOOR = [0.0, 0.5, 1.0, 0.8681981, 0.55, 0.2318019, 0.1, 0.1, 0.1, 0.1, 0.1]
+
+
+def test_cosine_reaches_the_floor_at_decay_steps_then_holds():
+    cfg = config.OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, decay_steps=6)
+    lr = optim.schedule(cfg, 10)
+    assert [float(lr(s)) for s in range(11)] == pytest.approx(HAND_COSINE_THEN_FLOOR, abs=1e-6)
+    # The same in tokens: 32 tokens a step (batch 4 x seq_len 8), 192 tokens = 6 steps.
+    by_tokens = config.OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, decay_tokens=192)
+    lr = optim.schedule(by_tokens, 10, tokens_per_step=32)
+    assert [float(lr(s)) for s in range(11)] == pytest.approx(HAND_COSINE_THEN_FLOOR, abs=1e-6)
+    assert optim.decay_end(by_tokens, 10, 36) == 5  # 192 / 36 = 5.33 steps: rounded
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.decay_steps=6", "optim.decay_tokens=192"], "both set; set one"),
+        (["optim.decay_steps=6", "optim.schedule=wsd"], "applies to optim.schedule=cosine"),
+        (["optim.decay_steps=2", "optim.warmup_steps=2"], "must exceed optim.warmup_steps=2"),
+    ],
+)
+def test_decay_settings_that_cannot_work_are_one_line(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, overrides)
+
+
+@pytest.mark.parametrize("name", ["125m", "1.3b", "175b"])
+def test_gpt3_configs_decay_over_260b_tokens_then_hold_10_percent(name):
+    """GPT-3 (Brown et al. 2020, 2.2 and appendix B): warmup over 375M tokens, cosine to 10%
+    over 260B tokens, then 10% for the rest of the 300B."""
+    cfg = config.load(ROOT / "configs" / f"gpt3_{name}.yaml")
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    peak, total = cfg.optim.lr, cfg.train.steps
+    assert cfg.optim.warmup_steps == round(375e6 / tokens)
+    end = round(260e9 / tokens)
+    lr = steps.build(cfg).schedule if name == "125m" else optim.schedule(cfg.optim, total, tokens)
+    assert float(lr(0)) == 0.0
+    warmup = cfg.optim.warmup_steps
+    assert float(lr(warmup)) == pytest.approx(peak, rel=1e-6)
+    for fraction in (0.25, 0.5, 0.9):
+        step = warmup + round(fraction * (end - warmup))
+        cosine = (1 + math.cos(math.pi * (step - warmup) / (end - warmup))) / 2
+        assert float(lr(step)) == pytest.approx(peak * (0.1 + 0.9 * cosine), rel=1e-5), step
+    for step in (end, end + 1, (end + total) // 2, total):
+        assert float(lr(step)) == pytest.approx(0.1 * peak, rel=1e-6), step
 
 
 def test_weight_decay_only_on_matrices():
