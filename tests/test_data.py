@@ -144,6 +144,92 @@ def test_split_is_by_name_and_tiny_corpora_hold_out_the_last_document():
     assert list(corpus.split_documents(iter(few), 0.01, False)) == few[:-1]
 
 
+def test_one_file_is_cut_into_pieces_that_end_at_line_ends(tmp_path):
+    rng = random.Random(2)
+    lines = [" ".join(rng.choices(WORDS + ["café", "naïve", "日本語"], k=9)) for _ in range(900)]
+    text = "\n".join(lines) + "\nno newline at the end"
+    book = tmp_path / "book.txt"
+    book.write_text(text, encoding="utf-8")
+    pieces = list(corpus.iter_text_file(book))
+    assert "".join(piece for _, piece in pieces) == text  # nothing lost, nothing added
+    assert [name for name, _ in pieces] == [f"book.txt#{k}" for k in range(len(pieces))]
+    assert all(piece.endswith("\n") for _, piece in pieces[:-1])
+    size = len(text.encode())
+    assert corpus.piece_bytes(size) == size // corpus.PIECES
+    assert corpus.PIECES - 2 <= len(pieces) <= corpus.PIECES + 1
+    # One line of multi-byte characters longer than a piece: cut at the byte limit, never
+    # inside a character.
+    line = tmp_path / "line.txt"
+    line.write_text("é" * 5000 + "日本" * 700, encoding="utf-8")
+    cut = [piece for _, piece in corpus.iter_text_file(line)]
+    assert "".join(cut) == line.read_text(encoding="utf-8")
+    assert len(cut) == corpus.PIECES // 2 + 1  # twice the piece size each (no line end)
+    # A bad byte is reported with its offset in the file, as for text_dir files.
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(text.encode()[:5000] + b"\xff" + b"tail\n")
+    with pytest.raises(DataError, match=r"bad.txt: not UTF-8 \(byte 5000\)"):
+        list(corpus.iter_text_file(bad))
+    with pytest.raises(DataError, match=f"data file not found: {tmp_path / 'nope.txt'}$"):
+        pipeline.prepare(data_config(f"text:{tmp_path / 'nope.txt'}", tmp_path), SEQ_LEN)
+    with pytest.raises(DataError, match=f"not a file: {tmp_path} .*text_dir:{tmp_path}\\)$"):
+        pipeline.prepare(data_config(f"text:{tmp_path}", tmp_path), SEQ_LEN)
+
+
+@pytest.mark.parametrize("kind", ["text_dir", "text"])
+def test_a_one_file_corpus_prepares_and_says_how_it_was_split(tmp_path, kind, caplog):
+    """text_dir:DIR with one file (it used to stop: "fewer than 2 non-empty documents") and
+    text:FILE both hold out whole pieces of the file."""
+    rng = random.Random(3)
+    lines = [" ".join(rng.choices(WORDS, k=rng.randint(3, 14))) for _ in range(2000)]
+    (tmp_path / "corpus").mkdir()
+    book = tmp_path / "corpus" / "input.txt"
+    book.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    source = f"text_dir:{book.parent}" if kind == "text_dir" else f"text:{book}"
+    with caplog.at_level("INFO", logger="gptjax"):
+        data = pipeline.load_dataset(data_config(source, tmp_path / "cache"), SEQ_LEN)
+    said = [r.getMessage() for r in caplog.records if "one file" in r.getMessage()]
+    size = book.stat().st_size
+    assert said == [
+        f"{book} is one file ({size:,} bytes): cut into pieces of {size // 64:,} bytes ending "
+        "at line ends; whole pieces are held out for validation by a hash of their name "
+        "(data.val_fraction)"
+    ]
+    name = "input.txt"
+    pieces = list(corpus.iter_text_file(book))
+    held = [p for p in pieces if corpus.is_validation(p[0], 0.05)] or pieces[-1:]
+    meta = data.meta
+    assert meta["validation"]["documents"] == len(held) >= 1
+    assert meta["train"]["documents"] == len(pieces) - len(held)
+    assert meta["train"]["bytes"] + meta["validation"]["bytes"] == size
+    assert all(n.startswith(f"{name}#") for n, _ in pieces)
+    assert len(data.train) > 0 and len(data.val) > 0
+
+
+def test_a_one_file_corpus_trains_and_evaluates(tmp_path, capsys):
+    """`text:FILE` end to end: train, then `gptjax eval` of the run gives the loss the run's own
+    final evaluation logged (the same 2 held-out batches)."""
+    from gptjax import cli, train
+
+    rng = random.Random(4)
+    book = tmp_path / "input.txt"
+    book.write_text("\n".join(" ".join(rng.choices(WORDS, k=12)) for _ in range(3000)) + "\n")
+    run = tmp_path / "run"
+    cfg = tiny_config(
+        run,
+        tmp_path / "cache",
+        f"data.source=text:{book}",
+        f"data.vocab_size={VOCAB}",
+        "train.steps=4",
+        "train.eval_every=0",
+        "checkpoint.every=0",
+    )
+    result = train.train(cfg, progress=False)
+    assert result["final_step"] == 4 and np.isfinite(result["eval_loss"])
+    assert cli.main(["eval", str(run), "--batches", str(cfg.train.eval_steps)]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-6)
+
+
 def test_resume_gives_the_same_batches(small):
     cfg, data = small
     B, seed = 8, 11

@@ -2,13 +2,19 @@
 
 `stdlib` is the running Python's standard library (`.py` files outside the test suites);
 `text_dir:PATH` is every `.txt`, `.md` and `.jsonl` (string field `text`, one document per line)
-file under PATH, UTF-8. Documents go to train or validation by a hash of their name, so the split
-never depends on the order of reading.
+file under PATH, UTF-8; `text:FILE` is one text file. Documents go to train or validation by a
+hash of their name, so the split never depends on the order of reading.
+
+One file (`text:FILE`, or a `text_dir` holding a single `.txt`/`.md` file: a book, a log, the
+usual `input.txt`) is cut into about PIECES pieces (at most PIECE_MAX bytes each, so a large file
+gives more) that end at line ends, named `NAME#k`; the hash split then holds out whole pieces.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
@@ -18,6 +24,9 @@ from pathlib import Path
 
 TEST_DIRS = {"test", "tests", "idle_test"}
 TEXT_SUFFIXES = {".txt", ".md", ".jsonl"}
+
+PIECES = 64  # a lone file is cut into about this many pieces ...
+PIECE_MAX = 1 << 20  # ... of at most this many characters (plus the rest of the last line)
 
 Document = tuple[str, str]  # (name, text)
 
@@ -66,6 +75,58 @@ def text_dir_files(root: str | Path) -> tuple[Path, list[Path]]:
     return root, files
 
 
+def text_file(path: str | Path) -> Path:
+    """The file of a `text:FILE` source; a missing path or a directory is a DataError."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"not a file: {path} (for a directory use data.source=text_dir:{path})")
+    return path
+
+
+def piece_bytes(size: int) -> int:
+    """Bytes per piece of a lone file of `size` bytes: about PIECES pieces, each at most
+    PIECE_MAX bytes (plus the rest of its last line)."""
+    return min(PIECE_MAX, max(1, size // PIECES))
+
+
+def iter_text_file(path: str | Path, name: str | None = None) -> Iterator[Document]:
+    """One UTF-8 text file as pieces ("NAME#k", text) of `piece_bytes` bytes and on to the end
+    of the line (at most twice that), streamed: a file larger than memory is fine."""
+    path = text_file(path)
+    name = name or path.name
+    size = piece_bytes(path.stat().st_size)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file read so far
+    with path.open("rb") as file:
+        for k in itertools.count():
+            raw = file.read(size)
+            if raw:
+                raw += file.readline(size)  # on to the line end (b"\n" never splits a character)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the limit
+            try:
+                piece = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as error:
+                byte = offset - pending + error.start
+                raise DataError(f"{path}: not UTF-8 (byte {byte}); convert or remove it") from None
+            offset += len(raw)
+            if piece:
+                yield f"{name}#{k}", piece
+            if not raw:
+                return
+
+
+def describe_pieces(path: Path, train: int, validation: int) -> str:
+    """One line: how a lone file was split into documents."""
+    size = path.stat().st_size
+    return (
+        f"{path} is one file ({size:,} bytes): cut into {train + validation} pieces of "
+        f"{piece_bytes(size):,}+ bytes ending at line ends; {validation} whole pieces held out "
+        "for validation (by a hash of their names, data.val_fraction)"
+    )
+
+
 def _read_text_file(path: Path, root: Path) -> Iterator[Document]:
     name = str(path.relative_to(root))
     try:
@@ -87,9 +148,17 @@ def _read_text_file(path: Path, root: Path) -> Iterator[Document]:
         yield f"{name}:{number}", record["text"]
 
 
+def is_lone_file(files: list[Path]) -> bool:
+    """A text_dir of one text file (cut into pieces like `text:FILE`)."""
+    return len(files) == 1 and files[0].suffix != ".jsonl"
+
+
 def iter_text_dir(root: str | Path) -> Iterator[Document]:
     """Every document under `root` (see the module docstring), in sorted file order."""
     root, files = text_dir_files(root)
+    if is_lone_file(files):
+        yield from iter_text_file(files[0], str(files[0].relative_to(root)))
+        return
     for path in files:
         yield from _read_text_file(path, root)
 

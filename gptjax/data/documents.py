@@ -19,6 +19,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ from gptjax.data.corpus import DataError
 BUILDER_NAME = "gptjax_documents"
 BUILDER_VERSION = "1.0.0"
 FORMAT_VERSION = 2
+log = logging.getLogger("gptjax")
 
 
 def _tfds():
@@ -326,9 +328,15 @@ def open_documents(cfg, cache_root: Path, progress: bool = False) -> Documents:
     documents = module.documents(argument)
 
     def open_splits() -> tuple[Split, Split]:
-        if not target.is_dir():
+        written = not target.is_dir()
+        if written:
             write_local(documents, cfg.val_fraction, target, progress)
         builder = _tfds().builder_from_directory(str(target / BUILDER_NAME / BUILDER_VERSION))
+        if written and hasattr(module, "describe_split"):  # e.g. how one file became documents
+            counts = (builder.info.splits[split].num_examples for split in ("train", "validation"))
+            line = module.describe_split(argument, *counts)
+            if line:
+                log.info(line)
         train = Split(builder.as_data_source(split="train"), "text", f"{cfg.source} train")
         val = Split(builder.as_data_source(split="validation"), "text", f"{cfg.source} validation")
         return train, val

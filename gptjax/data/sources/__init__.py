@@ -7,6 +7,8 @@
     `documents(argument) -> callable` returning a fresh iterator of (name, text) documents,
     checking the argument at once (a missing path is a DataError now, not halfway through);
     `fingerprint(argument) -> str`, which changes whenever the content may have changed;
+    optionally `describe_split(argument, train, validation) -> str | None`, a line said once
+    the documents are written (how a source that is not a set of documents was split);
 - prepared sources (already stored as a dataset elsewhere):
     `open(argument, cfg: DataConfig) -> gptjax.data.documents.Documents`.
 
@@ -38,6 +40,9 @@ SOURCES: dict[str, Source] = {
     ),
     "text_dir": Source(
         "gptjax.data.sources.text_dir", "PATH", ".txt, .md and .jsonl files under a directory"
+    ),
+    "text": Source(
+        "gptjax.data.sources.text", "FILE", "one text file, cut into pieces at line ends"
     ),
     "tfds": Source(
         "gptjax.data.sources.tfds", "NAME", "a TFDS dataset prepared in ArrayRecord format"
