@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from gptjax import checkpoint, debug, distributed, metrics, runs, steps
+from gptjax import checkpoint, debug, distributed, metrics, runlock, runs, steps
 from gptjax.config import Config
 from gptjax.data import loader as data_loader
 from gptjax.data import tokenizer as tok
@@ -53,6 +53,11 @@ class Profiler:
 def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     setup = steps.build(cfg, debug.devices(cfg))  # config/mesh errors first, before the disk
     run_dir = runs.prepare_run_dir(cfg)
+    with runlock.hold(run_dir):  # one writer per run directory (readers never take it)
+        return _run(cfg, setup, run_dir, progress)
+
+
+def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool) -> dict[str, Any]:
     changed = runs.check_resume(run_dir, cfg)
     lead = jax.process_index() == 0
     if changed and lead:

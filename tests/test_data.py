@@ -187,16 +187,16 @@ def test_a_one_file_corpus_prepares_and_says_how_it_was_split(tmp_path, kind, ca
     source = f"text_dir:{book.parent}" if kind == "text_dir" else f"text:{book}"
     with caplog.at_level("INFO", logger="gptjax"):
         data = pipeline.load_dataset(data_config(source, tmp_path / "cache"), SEQ_LEN)
-    said = [r.getMessage() for r in caplog.records if "one file" in r.getMessage()]
-    size = book.stat().st_size
-    assert said == [
-        f"{book} is one file ({size:,} bytes): cut into pieces of {size // 64:,} bytes ending "
-        "at line ends; whole pieces are held out for validation by a hash of their name "
-        "(data.val_fraction)"
-    ]
     name = "input.txt"
     pieces = list(corpus.iter_text_file(book))
     held = [p for p in pieces if corpus.is_validation(p[0], 0.05)] or pieces[-1:]
+    said = [r.getMessage() for r in caplog.records if "one file" in r.getMessage()]
+    size = book.stat().st_size
+    assert said == [
+        f"{book} is one file ({size:,} bytes): cut into {len(pieces)} pieces of {size // 64:,}+ "
+        f"bytes ending at line ends; {len(held)} whole pieces held out for validation (by a "
+        "hash of their names, data.val_fraction)"
+    ]
     meta = data.meta
     assert meta["validation"]["documents"] == len(held) >= 1
     assert meta["train"]["documents"] == len(pieces) - len(held)
