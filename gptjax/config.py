@@ -213,11 +213,32 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: final decay share")
+    decay_steps: int | None = Field(
+        None, gt=0, description="cosine: reach the floor at this step, then hold; None: the end"
+    )
+    decay_tokens: int | None = Field(
+        None, gt=0, description="cosine: as decay_steps, in tokens (batch_size * seq_len a step)"
+    )
     weight_decay: float = Field(0.1, ge=0.0)
     b1: float = Field(0.9, ge=0.0, lt=1.0)
     b2: float = Field(0.95, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
     clip_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        decay = {"decay_steps": self.decay_steps, "decay_tokens": self.decay_tokens}
+        given = [f"optim.{key}" for key, value in decay.items() if value is not None]
+        if len(given) == 2:
+            raise ValueError("optim.decay_steps and optim.decay_tokens are both set; set one")
+        if given and self.schedule != "cosine":
+            raise ValueError(f"{given[0]} applies to optim.schedule=cosine, not {self.schedule}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"optim.decay_steps={self.decay_steps} must exceed "
+                f"optim.warmup_steps={self.warmup_steps}"
+            )
+        return self
 
 
 class CheckpointConfig(_Section):
