@@ -62,8 +62,13 @@ def test_run_names_ignore_execution_settings_only(tmp_path):
     other = spec.load(
         write_spec(tmp_path, {"grid": grid, "overrides": {"optim.b2": 0.99}}, "d.yaml")
     )
+    # a setting spelled out at its default value: the same runs (as a key gptjax adds later)
+    spelled = spec.load(
+        write_spec(tmp_path, {"grid": grid, "overrides": {"data.packing": "concat"}}, "c.yaml")
+    )
     names = [r.name for r in plain.runs]
     assert [r.name for r in executed.runs] == names
+    assert [r.name for r in spelled.runs] == names
     assert not set(r.name for r in other.runs) & set(names)
 
 

@@ -18,9 +18,10 @@
     fit: {metric: eval_bpb, params: params, bootstrap: 200, holdout: 1}
 
 Each run is the base config plus the overrides plus its grid point (or budget and shape), checked
-by gptjax's own config validation. Its directory is DIR/<hash>, the hash of the resolved config
-without the settings that only decide how a run executes (EXECUTION_KEYS: mesh, checkpoints,
-remat, ...), so the same run keeps its name on a laptop and on a cluster.
+by gptjax's own config validation. Its directory is DIR/<hash>, the hash of the resolved
+settings that differ from gptjax's defaults, without those that only decide how a run executes
+(EXECUTION_KEYS: mesh, checkpoints, remat, ...): the same run keeps its name on a laptop and on
+a cluster, and after an upgrade that adds config keys.
 """
 
 from __future__ import annotations
@@ -181,8 +182,15 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def run_name(cfg: Config) -> str:
-    """10 hex digits of the hash of what the run computes (EXECUTION_KEYS left out)."""
-    identity = {k: v for k, v in _flat(cfg.to_dict()).items() if not _is_execution_key(k)}
+    """10 hex digits of the hash of what the run computes: its settings that differ from
+    gptjax's defaults, EXECUTION_KEYS left out. (A key gptjax adds later, with a default that
+    keeps today's behaviour, leaves every name as it was.)"""
+    defaults = _flat(Config().to_dict())
+    identity = {
+        key: value
+        for key, value in _flat(cfg.to_dict()).items()
+        if not _is_execution_key(key) and (key not in defaults or defaults[key] != value)
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
