@@ -174,6 +174,11 @@ def greedy_agrees(run, model, prompt, n=32):
     new = out[0, ids.shape[1] :].tolist()
     assert len(new) == n
     assert ours == prompt + tokenizer.decode(new)
+    # the same ids, each chosen by a clear margin (far above the ~1e-6 f32 disagreement)
+    logits = gptjax_logits(run, out[:, :-1].numpy())[0, ids.shape[1] - 1 :]
+    assert logits.argmax(-1).tolist() == new
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-4
     return new
 
 
@@ -186,6 +191,7 @@ def text_dir(tmp_path):
     return corpus
 
 
+@pytest.mark.slow
 def test_fine_tuned_import_exports_to_transformers(hf_dirs, tmp_path, cache_dir, capsys):
     """Import -> eval -> fine-tune on a (2, 2, 2) mesh -> export -> transformers, same numbers."""
     directory, original = hf_dirs["safetensors"]
@@ -345,6 +351,7 @@ TRICKY = [
 ]
 
 
+@pytest.mark.slow
 def test_gptjax_run_exports_with_its_sentencepiece_tokenizer(tmp_path, cache_dir):
     """A run trained here (SentencePiece tokenizer) -> export -> transformers: the same ids for
     every validation document, the same text back, the same logits and greedy tokens."""
@@ -367,5 +374,11 @@ def test_gptjax_run_exports_with_its_sentencepiece_tokenizer(tmp_path, cache_dir
         assert theirs.decode(ids) == ours.decode(ids) == text.replace("\u2581", " ")
 
     ids = np.array([ours.encode(TEXT)[:64]])
-    np.testing.assert_allclose(gptjax_logits(run, ids), hf_logits(model, ids), atol=ATOL)
+    logits = gptjax_logits(run, ids)
+    np.testing.assert_allclose(logits, hf_logits(model, ids), atol=ATOL)
     greedy_agrees(run, model, "import os\n")
+
+    # and back: the export imports as a run with the same tokenizer and the same logits
+    again = hf.import_run(out, tmp_path / "again")
+    assert (again / "tokenizer.model").read_bytes() == (run / "tokenizer.model").read_bytes()
+    np.testing.assert_array_equal(gptjax_logits(again, ids), logits)

@@ -65,11 +65,15 @@ class BPETokenizer:
         tokenizers = _tokenizers()
         try:
             spec = json.loads(model)
+            if not isinstance(spec, dict):
+                raise ValueError("not an object")
+            _check_byte_level(spec, where)  # first: a named field beats the parser's complaint
             tokenizer = tokenizers.Tokenizer.from_str(model.decode())
+        except DataError:
+            raise
         except Exception as error:  # noqa: BLE001 - bad JSON or the library's own error
             reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             raise DataError(f"{where}: not a tokenizers JSON file ({reason})") from None
-        _check_byte_level(spec, where)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         tokenizer.encode_special_tokens = True  # text is text (as in SentencePiece)
