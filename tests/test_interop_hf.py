@@ -27,7 +27,8 @@ from gptjax.data import tokenizer as tok  # noqa: E402
 from gptjax.interop import hf  # noqa: E402
 
 # f32 on both sides; the two compute attention and layer norms in different orders. Measured
-# max |difference| on these models: ~2e-6 (import) and ~2e-6 (export).
+# max |difference| on these models (logits up to ~8): 5.8e-6; on a random model with GPT-2
+# small's shapes: 3.6e-6.
 ATOL = 1e-4
 TEXT = "def parse(line):\n    return [int(x) for x in line.split(',')]  # ünïcode ☃\n" * 3
 
