@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
+from gptjax import runlock
 from gptjax.experiments import emit, pool, runs, spec
 
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -63,6 +65,20 @@ def test_status_from_the_disk(tmp_path, cache_dir):
     # a later successful attempt clears the failure
     runs.record_attempt(failed.directory, 0.0, 0, None)
     assert runs.read_state(failed).status == "pending"
+
+
+def test_a_live_train_lock_means_running(tmp_path, cache_dir):
+    sweep = spec.load(write_spec(tmp_path, cache_dir))
+    run = sweep.runs[0]
+    run.directory.mkdir(parents=True)
+    lock = run.directory / runlock.LOCK_NAME
+    lock.write_text(json.dumps(runlock.identity()))  # held by this (live) process
+    assert runs.read_state(run).status == "running"
+    assert runs.trained_by(run.directory) == f"{socket.gethostname()}:{os.getpid()}"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)  # fmt: skip
+    lock.write_text(json.dumps(runlock.identity() | {"pid": int(gone.stdout)}))
+    assert runs.read_state(run).status == "pending"  # its holder is dead
 
 
 def test_lock_is_held_while_the_child_lives(tmp_path):

@@ -10,7 +10,9 @@ Status, from the disk alone (so any process, on any host, can read it):
 
     finished     the final evaluation (step == train.steps) is in metrics.jsonl and the
                  checkpoint of that step exists
-    running      another process holds sweep.lock
+    running      a process holds sweep.lock, or `gptjax train` holds the run's train.lock
+                 (gptjax/runlock.py) and is alive (or on another host, where it cannot be
+                 checked)
     failed       the last attempt exited non-zero; its error line is kept
     interrupted  it has trained (metrics or a checkpoint) but is not finished: a rerun resumes it
     pending      nothing yet
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptjax import runlock
 from gptjax.experiments.spec import Run, run_numbers
 
 STATUSES = ("finished", "running", "interrupted", "failed", "pending")
@@ -85,6 +88,20 @@ def is_locked(run_dir: Path) -> bool:
             return error.errno in (errno.EAGAIN, errno.EACCES)
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+
+def trained_by(run_dir: Path) -> str | None:
+    """`host:pid` of a live `gptjax train` holding the run's train.lock (or of one on another
+    host, which cannot be checked from here); None when free or its holder is dead."""
+    try:
+        holder = json.loads((run_dir / runlock.LOCK_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return "?"  # being written this moment
+    if not isinstance(holder, dict) or runlock.holder_is_dead(holder):
+        return None
+    return f"{holder.get('host')}:{holder.get('pid')}"
 
 
 def acquire(run_dir: Path):
@@ -146,7 +163,7 @@ def read_state(run: Run) -> RunState:
     error = attempts[-1].get("error") if attempts and attempts[-1].get("returncode") else None
     if done:
         status = "finished"
-    elif is_locked(run_dir):
+    elif is_locked(run_dir) or trained_by(run_dir):
         status = "running"
     elif error:
         status = "failed"
