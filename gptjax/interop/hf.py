@@ -265,8 +265,7 @@ def to_gptjax(tensors: dict[str, np.ndarray], model: ModelConfig, hf_vocab: int)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise InteropError(f"unexpected tensor {unexpected[0]}{more}: not part of GPT-2")
-    _, abstract = model_module.abstract(model)
-    shapes = {".".join(str(k.key) for k in path): leaf.shape for path, leaf in _leaves(abstract)}
+    shapes = model_module.param_shapes(model)
     layers: dict[str, list] = {}
     params: dict = {}
     for hf, ours, layer, symbols in layout:
@@ -306,13 +305,6 @@ def to_hf(params: dict, model: ModelConfig, n_tokens: int) -> dict[str, np.ndarr
     return out
 
 
-def _leaves(state):
-    import jax
-    from flax import nnx
-
-    return jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
-
-
 # -- runs -------------------------------------------------------------------------------------
 
 
@@ -345,7 +337,10 @@ def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] 
     # Write next to the target and rename when complete: never a half-written run.
     scratch = run_dir.parent / f".{run_dir.name}.import-{os.getpid()}"
     try:
-        scratch.mkdir(parents=True)
+        try:
+            scratch.mkdir(parents=True)
+        except OSError as error:
+            raise InteropError(f"cannot create {run_dir}: {error.strerror}") from None
         (scratch / "config.yaml").write_text(cfg.to_yaml())
         tokenizer.save(scratch / tokenizer.filename)
         setup = steps.build(runs.read_config(scratch), jax.devices()[:1])  # one device
@@ -384,7 +379,10 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) ->
     import jax
 
     tensors = to_hf(jax.device_get(params), model, n_tokens)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InteropError(f"cannot create {out}: {error.strerror}") from None
     scratch = out / ".model.safetensors.tmp"
     save_file(tensors, str(scratch), metadata={"format": "pt"})
     scratch.rename(out / "model.safetensors")
