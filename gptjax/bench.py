@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from gptjax import metrics, model, runs, steps
+from gptjax import metrics, model, runs
+from gptjax import steps as step_library
 from gptjax.config import Config
 from gptjax.data import batch as batch_module
 
@@ -33,7 +34,7 @@ def synthetic_rows(cfg: Config, step: int, start: int, stop: int) -> dict[str, n
     return batch_module.from_windows(windows, eod_id=0, packing=cfg.data.packing)
 
 
-def make_batches(setup: steps.Setup, n: int, data: str) -> list[dict[str, jax.Array]]:
+def make_batches(setup: step_library.Setup, n: int, data: str) -> list[dict[str, jax.Array]]:
     """`n` distinct global batches, synthetic or from the config's corpus."""
     cfg, B = setup.cfg, setup.cfg.train.batch_size
     if data == "synthetic":
@@ -43,7 +44,7 @@ def make_batches(setup: steps.Setup, n: int, data: str) -> list[dict[str, jax.Ar
 
         dataset = runs.load_data(cfg, Path(cfg.run_dir))
         rows = lambda step: lambda a, b: dataset.train_batch(cfg.seed, step, B, a, b)
-    return [steps.global_batch(setup, rows(step), B) for step in range(n)]
+    return [step_library.global_batch(setup, rows(step), B) for step in range(n)]
 
 
 def memory_report(devices: list[jax.Device]) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
     """
     if steps < 1 or warmup < 0:
         raise ValueError("bench needs steps >= 1 and warmup >= 0")
-    setup = steps.build(cfg)
+    setup = step_library.build(cfg)
     devices = list(setup.mesh.devices.flat)
     B, T = cfg.train.batch_size, cfg.model.seq_len
     batches = make_batches(setup, min(steps + warmup, 4), data)
@@ -102,8 +103,8 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
         "data": data,
     }
     try:
-        state = steps.init_state(setup)
-        step_fn = steps.make_train_step(setup)
+        state = step_library.init_state(setup)
+        step_fn = step_library.make_train_step(setup)
         start = time.perf_counter()
         with setup.activate():
             compiled = step_fn.jitted.lower(state, batches[0]).compile()

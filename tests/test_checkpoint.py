@@ -396,9 +396,10 @@ def test_other_model_shapes_are_refused_listing_every_key(reference, tmp_path, c
     with pytest.raises(ConfigError) as error:
         train.train(cfg, progress=False)
     assert str(error.value) == (
-        f"{run} holds a run with different parameter shapes: model.n_layer (2 -> 3), "
-        "model.n_head (2 -> 4), model.d_model (64 -> 128), model.d_ff (256 -> 512); "
-        "use a new run_dir"
+        f"{run} holds a run with different parameter shapes: model.d_model (64 -> 128), "
+        "model.n_head (2 -> 4), model.n_layer (2 -> 3) (blocks.fc_b [2, 256] -> [3, 512]; "
+        "blocks.fc_w [2, 64, 256] -> [3, 128, 512]; blocks.ln1_bias [2, 64] -> [3, 128] "
+        "and 13 more); use a new run_dir"
     )
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 

@@ -15,6 +15,7 @@ import pytest
 
 from gptjax import model, plan, sharding, steps
 from gptjax.config import ConfigError
+from gptjax.data.batch import from_windows
 from tests.conftest import tiny_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1)]
@@ -60,7 +61,8 @@ def run(cfg, devices):
     step = plan.compile_step(setup)
     losses = []
     for tokens in batches():
-        state, stats = step(state, jax.device_put(tokens, setup.batch_sharding))
+        batch = from_windows(tokens, eod_id=0)
+        state, stats = step(state, jax.device_put(batch, setup.batch_shardings))
         losses.append(float(stats["loss"]))
     return init, np.array(losses), state, plan.xla_memory(setup, step)
 
