@@ -3,7 +3,8 @@
 The oracle is `transformers.GPT2LMHeadModel` in f32 on the same weights: a tiny random model
 built here (every bias and LayerNorm perturbed away from 0/1, weights large enough that logits
 are well separated), saved the ways real checkpoints are (safetensors with the `transformer.`
-prefix, pytorch_model.bin without it and with the old `attn.bias` mask buffers, an untied head).
+prefix, pytorch_model.bin without it and with the old `attn.bias` mask buffers, shards with an
+index, an untied head).
 """
 
 import json
@@ -100,6 +101,11 @@ def hf_dirs(tmp_path_factory):
     tokenizer.model.save(str(binary))
     dirs["bin"] = (binary, model)
 
+    sharded = root / "sharded"  # model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    tokenizer.save(str(sharded / "tokenizer.json"))
+    dirs["sharded"] = (sharded, model)
+
     untied = hf_model(vocab, tied=False, seed=1)
     untied.save_pretrained(root / "untied")
     tokenizer.save(str(root / "untied" / "tokenizer.json"))
@@ -112,9 +118,11 @@ def gptjax_logits(run_dir, ids):
     return np.asarray(nnx.merge(setup.graphdef, params)(np.asarray(ids, np.int32)))
 
 
-@pytest.mark.parametrize("variant", ["safetensors", "bin", "untied"])
+@pytest.mark.parametrize("variant", ["safetensors", "bin", "sharded", "untied"])
 def test_import_matches_transformers(hf_dirs, tmp_path, variant):
     directory, model = hf_dirs[variant]
+    if variant == "sharded":
+        assert len(list(directory.glob("model-*.safetensors"))) > 1
     run = hf.import_run(directory, tmp_path / "run")
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "tokenizer.json"]
     setup, params, tokenizer = runs.load_run(run)
