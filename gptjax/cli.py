@@ -51,25 +51,59 @@ def _launch(args) -> int:
     return launch.run_from_args(args)
 
 
+def _read_prompts(args) -> list[str]:
+    if args.prompt_file is None:
+        return [args.prompt]
+    path = Path(args.prompt_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise DataError(f"--prompt-file {path}: {reason}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise DataError(f"--prompt-file {path} holds no prompts (one per line)")
+    return prompts
+
+
 def _sample(args) -> int:
     from gptjax import generate, runs
 
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples {args.num_samples}: use 1 or more")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: use 0 or more")
+    prompts = [p for p in _read_prompts(args) for _ in range(args.num_samples)]
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    generate.Sampling(args.temperature, args.top_k, args.top_p)  # bad settings: before loading
     setup, params, tokenizer = runs.load_run(args.run_dir, args.step)
-    for i in range(args.num_samples):
-        text = generate.sample(
-            setup,
-            params,
-            tokenizer,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed + i,
-        )
-        print(text)
-        if i + 1 < args.num_samples:
-            print("-" * 40)
+    pieces = generate.generate(setup, params, tokenizer, prompts, **settings)
+    if len(prompts) == 1:  # stream
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+        for piece in pieces:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    texts = [""] * len(prompts)
+    finished = [False] * len(prompts)
+    shown = 0
+    for piece in pieces:  # print each sample once it and those before it are complete
+        texts[piece.row] += piece.text
+        finished[piece.row] |= piece.finish is not None
+        while shown < len(prompts) and finished[shown]:
+            if shown:
+                print("-" * 40)
+            print(prompts[shown] + texts[shown], flush=True)
+            shown += 1
     return 0
 
 
@@ -186,15 +220,19 @@ def parser() -> argparse.ArgumentParser:
     add_launch_arguments(p)
     p.set_defaults(run=_launch)
 
-    p = commands.add_parser("sample", help="sample text from a trained run")
+    p = commands.add_parser(
+        "sample", help="continue prompts with a trained run (streams a single prompt)"
+    )
     p.add_argument("run_dir")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="", help="default: start a new document")
+    p.add_argument("--prompt-file", default=None, help="one prompt per line, all in one batch")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--stop", default=None, help="stop a sample at this text (not printed)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     p.set_defaults(run=_sample)
 

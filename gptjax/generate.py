@@ -1,75 +1,440 @@
-"""Load a trained run and sample text from it (temperature, top-k, top-p)."""
+"""Generation: prompts prefilled into a static KV cache, then decoded in a jitted loop.
+
+One call (`Generator.stream`, or `generate` with a tokenizer) runs like this:
+
+1. The prompts (token ids) are left-padded to a length bucket — a power of two, at least 16, at
+   most `model.seq_len` — with segment id 0 (nothing attends to padding) and positions counted
+   from each row's first real token; the row count is padded to a power of two that the mesh's
+   batch axes divide. One jitted call creates the cache (`model.seq_len` slots per row) and
+   prefills it.
+2. A jitted `lax.while_loop` decodes up to `chunk` tokens per call: it samples a token for every
+   running row, stops rows one by one (end-of-document token, `max_new_tokens`, the end of the
+   context) and appends the tokens of the rows still running to the cache (`GPT.extend`). The
+   cache is donated. Sampling settings, the seed, `max_new_tokens` and the step count are traced
+   arrays, so changing them never recompiles: there is one prefill and one decode program per
+   (rows, prompt bucket).
+3. Between calls the host turns each row's new tokens into text (complete characters only),
+   looks for the stop string and yields the pieces, while the device already decodes the next
+   chunk.
+
+The context end: a row stops when prompt + new tokens fill `model.seq_len` (finish reason
+"context"); its tokens are then exactly those of a full recompute over the whole text. When the
+shared cache runs out of slots before that (left padding takes slots too), it is shifted left by
+the padding no running row needs, so every row gets its full context whatever it is batched with.
+
+Sampling of row r at its n-th new token uses the key fold_in(fold_in(key(seed), r), n): a sample
+depends on (seed, row, prompt, settings), not on the chunk size or the other rows.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from gptjax import steps
+from gptjax import model, sharding, steps
+from gptjax.config import ConfigError
 from gptjax.data import tokenizer as tok
 
-
-def filter_logits(logits_V, temperature: float, top_k: int, top_p: float, vocab: int):
-    """Scaled logits with everything outside the top-k / top-p (nucleus) set at -inf."""
-    logits = jnp.where(jnp.arange(logits_V.shape[-1]) < vocab, logits_V, -jnp.inf)
-    logits = logits / max(temperature, 1e-6)
-    if top_k > 0:
-        kth = jnp.sort(logits)[-min(top_k, vocab)]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if 0.0 < top_p < 1.0:
-        order = jnp.argsort(-logits)
-        probs = jax.nn.softmax(logits[order])
-        keep_sorted = jnp.cumsum(probs) - probs < top_p  # the smallest set reaching top_p
-        keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return logits
+MIN_BUCKET = 16
+FINISH = {1: "eod", 2: "length", 3: "context"}  # the device's reason codes (0: running)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "temperature", "top_k", "top_p"))
-def _next_token(params, window_T, position, key, *, graphdef, vocab, temperature, top_k, top_p):
-    """The next token after `window_T[position]`; compiled once per model and settings."""
-    logits = nnx.merge(graphdef, params)(window_T[None])[0, position]
-    if temperature <= 0:  # greedy
-        return jnp.argmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf))
-    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, vocab))
+# --- sampling -----------------------------------------------------------------------------------
 
 
-def sample(
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to choose each token: temperature 0 is greedy (argmax); otherwise sample from the
+    softmax of logits / temperature restricted to the top-k tokens (0: all) and to the smallest
+    set whose probability reaches top_p (1: all)."""
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(
+                f"temperature {self.temperature}: use 0 (greedy) or a positive number"
+            )
+        if self.top_k < 0 or int(self.top_k) != self.top_k:
+            raise ConfigError(f"top_k {self.top_k}: use a whole number >= 0 (0: no top-k)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p {self.top_p}: use a number in (0, 1] (1: no top-p)")
+
+
+def filter_logits(logits, temperature, top_k, top_p, vocab: int):
+    """Logits / temperature with everything outside the top-k / top-p (nucleus) set at -inf.
+
+    `logits` [..., V]; the settings are numbers or arrays of shape [...] (traced is fine);
+    top_k 0 and top_p 1 keep everything; ids >= `vocab` are never kept. Ties at the edge of
+    either set are kept."""
+    lead = logits.shape[:-1]
+    setting = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), lead)[..., None]
+    temperature = setting(temperature, jnp.float32)
+    top_k, top_p = setting(top_k, jnp.int32), setting(top_p, jnp.float32)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    descending = -jnp.sort(-logits, axis=-1)
+    kth = jnp.take_along_axis(descending, jnp.clip(top_k, 1, vocab) - 1, axis=-1)
+    cut_k = top_k > 0
+    logits = jnp.where(cut_k & (logits < kth), -jnp.inf, logits)
+    descending = jnp.where(cut_k & (descending < kth), -jnp.inf, descending)
+    probs = jax.nn.softmax(descending, axis=-1)
+    reached = jnp.cumsum(probs, axis=-1) - probs < top_p  # the smallest set reaching top_p
+    smallest = jnp.min(jnp.where(reached, descending, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((top_p < 1.0) & (logits < smallest), -jnp.inf, logits)
+
+
+def _choose(logits_BV, keys_B, settings, vocab: int):
+    """One token per row: argmax where temperature is 0, else a draw from the filtered logits.
+    The sort and the draw run only when some row needs them."""
+
+    def greedy(_):
+        valid = jnp.arange(logits_BV.shape[-1]) < vocab
+        return jnp.argmax(jnp.where(valid, logits_BV, -jnp.inf), axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        t, k, p = settings["temperature"], settings["top_k"], settings["top_p"]
+        filtering = jnp.any(((k > 0) | (p < 1.0)) & (t > 0))
+        filtered = jax.lax.cond(
+            filtering,
+            lambda: filter_logits(logits_BV, t, k, p, vocab),
+            lambda: filter_logits(logits_BV, t, 0, 1.0, vocab),
+        )
+        drawn = jax.vmap(jax.random.categorical)(keys_B, filtered).astype(jnp.int32)
+        return jnp.where(t > 0, drawn, greedy(None))
+
+    return jax.lax.cond(jnp.all(settings["temperature"] <= 0), greedy, draw, None)
+
+
+# --- the two jitted programs --------------------------------------------------------------------
+
+
+def _constrain_cache(cache):
+    return {name: sharding.constrain(a, model.CACHE_AXES[name]) for name, a in cache.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(params, tokens_BP, lengths_B, max_new_B, *, graphdef):
+    """Create the cache, prefill the left-padded prompts; returns (cache, decoding state)."""
+    gpt = nnx.merge(graphdef, params)
+    B, P = tokens_BP.shape
+    start = P - lengths_B[:, None]
+    column = jnp.arange(P)[None]
+    segments = (column >= start).astype(jnp.int32)
+    positions = jnp.maximum(column - start, 0)
+    cache = _constrain_cache(model.init_cache(gpt.cfg, B, gpt.cfg.seq_len))
+    logits, cache = gpt.extend(tokens_BP, positions, cache, segments)
+    state = {
+        "logits": logits[:, -1],  # next-token logits [B, V]
+        "length": lengths_B,  # tokens of each row so far, prompt included
+        "new": jnp.zeros_like(lengths_B),  # tokens generated
+        "reason": jnp.where(max_new_B > 0, 0, 2).astype(jnp.int32),  # 0: running (FINISH)
+    }
+    return _constrain_cache(cache), state
+
+
+def _shift_out_padding(cache, length_B, running_B):
+    """The cache is full: shift every row left by the slots no running row needs (the padding
+    before the longest running row). A running row holds length - 1 tokens in the cache."""
+    S = cache["segment_ids"].shape[1]
+    first = cache["index"] - (length_B - 1)  # each row's first slot
+    shift = jnp.min(jnp.where(running_B, first, S))
+    shift = jnp.where(jnp.any(running_B), shift, 0)
+    rolled = {
+        "k": jnp.roll(cache["k"], -shift, axis=2),
+        "v": jnp.roll(cache["v"], -shift, axis=2),
+        "segment_ids": jnp.roll(cache["segment_ids"], -shift, axis=1),
+        "index": cache["index"] - shift,
+    }
+    return _constrain_cache(rolled)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "chunk", "vocab"), donate_argnames=("cache",)
+)
+def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: int, vocab: int):
+    """Up to min(chunk, count) tokens per row, stopping early when every row has finished.
+
+    Returns (tokens [B, chunk], emitted [B, chunk] (False: padding, a finished row, or the
+    end-of-document token), reasons [B], cache, state). `halt_B` finishes rows (the host's stop
+    strings)."""
+    gpt = nnx.merge(graphdef, params)
+    seq_len = gpt.cfg.seq_len
+    B = halt_B.shape[0]
+    base = jax.random.key(settings["seed"])
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(settings["row"])
+    state = dict(state, reason=jnp.where(halt_B & (state["reason"] == 0), 1, state["reason"]))
+
+    def running(carry):
+        i, state, *_ = carry
+        return (i < jnp.minimum(count, chunk)) & jnp.any(state["reason"] == 0)
+
+    def step(carry):
+        i, state, cache, tokens, emitted = carry
+        active = state["reason"] == 0
+        keys = jax.vmap(jax.random.fold_in)(row_keys, state["new"])
+        token = _choose(state["logits"], keys, settings, vocab)
+        new = state["new"] + active
+        length = state["length"] + active
+        reason = jnp.select(
+            [token == settings["eod"], new >= settings["max_new"], length >= seq_len],
+            [1, 2, 3],
+            0,
+        )
+        reason = jnp.where(active, reason, state["reason"])
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        shown = active & (token != settings["eod"])
+        emitted = jax.lax.dynamic_update_slice(emitted, shown[:, None], (0, i))
+        # append the tokens of the rows still running (the others write padding)
+        keep = reason == 0
+        cache = jax.lax.cond(
+            cache["index"] >= cache["segment_ids"].shape[1],
+            lambda c: _shift_out_padding(c, length, keep),
+            lambda c: c,
+            cache,
+        )
+        position = jnp.clip(length - 1, 0, seq_len - 1)[:, None]
+        logits, cache = gpt.extend(token[:, None], position, cache, keep[:, None].astype(jnp.int32))
+        state = {"logits": logits[:, 0], "length": length, "new": new, "reason": reason}
+        return i + 1, state, _constrain_cache(cache), tokens, emitted
+
+    tokens = jnp.zeros((B, chunk), jnp.int32)
+    emitted = jnp.zeros((B, chunk), bool)
+    _, state, cache, tokens, emitted = jax.lax.while_loop(
+        running, step, (jnp.zeros((), jnp.int32), state, cache, tokens, emitted)
+    )
+    return tokens, emitted, state["reason"], cache, state
+
+
+# --- driving a batch ----------------------------------------------------------------------------
+
+
+class Chunk(NamedTuple):
+    """New output of one row: token ids, their text (complete characters; cut before the stop
+    string) and, on the row's last chunk, why it stopped: "eod" (end-of-document token),
+    "stop" (the stop string), "length" (max_new_tokens) or "context" (the context is full)."""
+
+    row: int
+    ids: list[int]
+    text: str
+    finish: str | None
+
+
+def bucket(n: int, limit: int) -> int:
+    """The padded length for n: a power of two, at least MIN_BUCKET, at most `limit`."""
+    return min(limit, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
+
+
+class Generator:
+    """Generation for one model on its setup's mesh (rows over the batch axes, the cache's heads
+    over `tensor`). Cheap to create: the compiled programs are shared by every Generator of the
+    same model, one prefill and one decode per (rows, prompt bucket).
+
+    `chunk`: tokens decoded per device call (the streaming granularity; the first call makes
+    one token, for a short time to first token)."""
+
+    def __init__(self, setup: steps.Setup, params: Any, chunk: int = 16):
+        if chunk < 1:
+            raise ConfigError(f"chunk {chunk}: use a positive number of tokens per call")
+        self.setup, self.params, self.chunk = setup, params, chunk
+        self.cfg = setup.cfg.model
+        batch_spec = sharding.logical_to_spec(("batch",), setup.rules)
+        axes = batch_spec[0] or ()
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        self.row_multiple = math.prod(setup.mesh.shape[axis] for axis in axes)
+        self._rows = NamedSharding(setup.mesh, batch_spec)
+        self._rows2 = NamedSharding(setup.mesh, PartitionSpec(batch_spec[0], None))
+        self._scalar = NamedSharding(setup.mesh, PartitionSpec())
+
+    def check_prompt(self, ids: Sequence[int], where: str = "the prompt") -> None:
+        if len(ids) >= self.cfg.seq_len:
+            raise ConfigError(
+                f"{where} has {len(ids)} tokens but the context holds {self.cfg.seq_len} "
+                "(model.seq_len), new tokens included; shorten it"
+            )
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int] = 200,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        eod_id: int | None = None,
+        vocab: int | None = None,
+        halt: np.ndarray | None = None,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Decode a batch of token-id prompts (each non-empty, shorter than the context).
+
+        Yields (tokens [R, k], emitted [R, k] bool, reasons [R] int) per device call for the R
+        prompts until every row has finished: row r's new tokens are tokens[r][emitted[r]],
+        its reason is 0 while it runs, then a key of `FINISH`. Setting halt[r] (a bool [R]
+        array the caller owns) finishes row r from the next call on. `eod_id` None never stops
+        at a token; `vocab` (default the model's) bounds the ids that can be drawn.
+        """
+        n = len(prompts)
+        if n == 0:
+            raise ConfigError("no prompts to continue")
+        if isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * n
+        if min(max_new_tokens) < 0:
+            raise ConfigError(f"max_new_tokens {min(max_new_tokens)}: use 0 or more")
+        for i, ids in enumerate(prompts):
+            if not len(ids):
+                raise ConfigError(f"prompt {i} is empty (give at least one token)")
+            self.check_prompt(ids, f"prompt {i}" if n > 1 else "the prompt")
+        vocab = min(vocab or self.cfg.vocab, self.cfg.vocab)
+        rows = max(1 << (n - 1).bit_length(), self.row_multiple)
+        rows = -(-rows // self.row_multiple) * self.row_multiple
+        P = bucket(max(len(ids) for ids in prompts), self.cfg.seq_len)
+        tokens = np.zeros((rows, P), np.int32)
+        lengths = np.ones(rows, np.int32)
+        max_new = np.zeros(rows, np.int32)  # padding rows: finished before they start
+        for i, ids in enumerate(prompts):
+            tokens[i, P - len(ids) :] = ids
+            lengths[i] = len(ids)
+            max_new[i] = max_new_tokens[i]
+        put = jax.device_put
+        settings = {
+            "temperature": np.full(rows, sampling.temperature, np.float32),
+            "top_k": np.full(rows, sampling.top_k, np.int32),
+            "top_p": np.full(rows, sampling.top_p, np.float32),
+            "max_new": max_new,
+            "row": np.arange(rows, dtype=np.int32),
+        }
+        settings = {k: put(v, self._rows) for k, v in settings.items()}
+        settings["seed"] = put(np.int32(seed), self._scalar)
+        settings["eod"] = put(np.int32(-1 if eod_id is None else eod_id), self._scalar)
+        graphdef = self.setup.graphdef
+        halt = np.zeros(n, bool) if halt is None else halt
+
+        def decode(cache, state, count):
+            stopped = np.zeros(rows, bool)
+            stopped[:n] = halt
+            with self.setup.activate():
+                return _decode(
+                    self.params, cache, state, settings, put(stopped, self._rows),
+                    put(np.int32(count), self._scalar),
+                    graphdef=graphdef, chunk=self.chunk, vocab=vocab,
+                )  # fmt: skip
+
+        with self.setup.activate():
+            cache, state = _prefill(
+                self.params,
+                put(tokens, self._rows2),
+                put(lengths, self._rows),
+                settings["max_new"],
+                graphdef=graphdef,
+            )
+        pending = decode(cache, state, 1)  # one token first: a short time to first token
+        while True:
+            out_tokens, out_emitted, reasons, cache, state = pending
+            reasons = np.asarray(reasons)[:n]
+            if not (reasons > 0).all():  # the device decodes the next chunk while the host reads
+                pending = decode(cache, state, self.chunk)
+            yield np.asarray(out_tokens)[:n], np.asarray(out_emitted)[:n], reasons
+            if (reasons > 0).all() or halt.all():
+                return
+
+
+# --- text -------------------------------------------------------------------------------------
+
+
+class _TextRow:
+    """One row's ids -> text pieces: complete characters only, held back while they might begin
+    the stop string, cut before it."""
+
+    def __init__(self, tokenizer, stop: str | None):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.shown = 0  # characters already given out
+        self.text = ""
+        self.stopped = False
+
+    def add(self, ids: list[int], final: bool) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        if self.stop and (cut := text.find(self.stop)) >= 0:
+            text, final, self.stopped = text[:cut], True, True
+        ready = text
+        if not final:
+            ready = ready.rstrip("\ufffd")  # an incomplete UTF-8 character so far
+            if self.stop:
+                for size in range(min(len(self.stop) - 1, len(ready)), 0, -1):
+                    if ready.endswith(self.stop[:size]):
+                        ready = ready[:-size]
+                        break
+        piece = ready[self.shown :]
+        self.shown = max(self.shown, len(ready))
+        self.text = text
+        return piece
+
+
+def encode_prompts(tokenizer: tok.TextTokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt; an empty prompt starts a new document (the end-of-document
+    token)."""
+    return [list(tokenizer.encode(p)) or [tokenizer.eod_id] for p in prompts]
+
+
+def generate(
     setup: steps.Setup,
     params: Any,
     tokenizer: tok.TextTokenizer,
-    prompt: str,
+    prompts: Sequence[str],
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    stop: str | None = None,
     stop_at_eod: bool = True,
-) -> str:
-    """Continue `prompt`; the context is the last seq_len tokens (fixed shape: one compile)."""
-    T = setup.cfg.model.seq_len
-    settings = dict(
-        graphdef=setup.graphdef,
-        vocab=tokenizer.vocab_size,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-    )
-    ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
-    key = jax.random.key(seed)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = (ids + new)[-T:]
-        window = np.zeros(T, np.int32)
-        window[: len(context)] = context
-        key, sub = jax.random.split(key)
-        token = int(_next_token(params, window, len(context) - 1, sub, **settings))
-        if stop_at_eod and token == tokenizer.eod_id:
-            break
-        new.append(token)
-    return prompt + tokenizer.decode(new)
+    chunk: int = 16,
+) -> Iterator[Chunk]:
+    """Continue each prompt, yielding `Chunk(row, ids, text, finish)` as tokens are produced.
+
+    Rows are the prompts' indices; each row stops on its own at the end-of-document token
+    (unless `stop_at_eod` is False), at `stop` (its text is cut before it), after
+    `max_new_tokens`, or when the context is full. `tokenizer`: encode, decode, eod_id and
+    vocab_size of a `gptjax.data.tokenizer.TextTokenizer` (SentencePiece or byte-level BPE)."""
+    sampling = Sampling(temperature, top_k, top_p)
+    if stop == "":
+        raise ConfigError("stop is empty; give the text to stop at, or none")
+    ids = encode_prompts(tokenizer, prompts)
+    generator = Generator(setup, params, chunk)
+    texts = [_TextRow(tokenizer, stop) for _ in prompts]
+    halt = np.zeros(len(prompts), bool)  # finished rows, as the host sees them
+    eod = tokenizer.eod_id if stop_at_eod else None
+    calls = generator.stream(ids, max_new_tokens, sampling, seed, eod, tokenizer.vocab_size, halt)
+    for tokens, emitted, reasons in calls:
+        for row, text in enumerate(texts):
+            if halt[row]:
+                continue
+            new = tokens[row][emitted[row]].tolist()
+            piece = text.add(new, bool(reasons[row]))
+            finish = "stop" if text.stopped else FINISH.get(int(reasons[row]))
+            if new or piece or finish:
+                yield Chunk(row, new, piece, finish)
+            halt[row] = finish is not None
+
+
+def complete(setup, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
+    """The continuation of each prompt as one string (see `generate` for the settings)."""
+    out = [""] * len(prompts)
+    for piece in generate(setup, params, tokenizer, prompts, **kwargs):
+        out[piece.row] += piece.text
+    return out
+
+
+def sample(setup, params, tokenizer, prompt: str, **kwargs) -> str:
+    """`prompt` followed by its continuation (see `generate`)."""
+    return prompt + complete(setup, params, tokenizer, [prompt], **kwargs)[0]

@@ -80,6 +80,15 @@ def test_cli_train_sample_eval_end_to_end(tmp_path, cache_dir):
     sample = run_cli("sample", str(run), "--prompt", "import ", "--max-new-tokens", "20", env=env)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("import ") and len(sample.stdout) > len("import \n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def \nclass \n")
+    batch = run_cli(
+        "sample", str(run), "--prompt-file", str(prompts), "--num-samples", "2",
+        "--max-new-tokens", "8", env=env,
+    )  # fmt: skip
+    assert batch.returncode == 0, batch.stderr
+    samples = batch.stdout.split("-" * 40 + "\n")
+    assert [s[:4] for s in samples] == ["def ", "def ", "clas", "clas"]
 
     evaluated = run_cli("eval", str(run), env=env)
     assert evaluated.returncode == 0, evaluated.stderr
