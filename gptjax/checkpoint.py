@@ -142,6 +142,35 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """Only the parameters of `step` (default newest), onto the shardings in
+        `abstract_params`: the optimiser state is never read (it may have another structure)."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            which = "any step" if step is None else f"step {step}"
+            raise CheckpointError(f"no checkpoint for {which} in {self.directory}")
+        reader = ocp.CheckpointManager(  # a partial restore needs the PyTree handler
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                create=False, enable_async_checkpointing=False, cleanup_tmp_directories=False
+            ),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        )
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        try:
+            restored = reader.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as error:  # noqa: BLE001 - any failure here means an unusable step
+            message = f"cannot restore step {step} from {self.directory}: {_first_line(error)}"
+            raise CheckpointError(message) from None
+        finally:
+            reader.close()
+        return restored["state"]["params"]
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

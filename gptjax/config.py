@@ -163,7 +163,12 @@ class DataConfig(_Section):
     def _check(self) -> DataConfig:
         from gptjax.data.sources import parse  # the registry; lazy: it imports the data package
 
-        parse(self.source)  # one line naming the known sources when unknown
+        entry, _ = parse(self.source)  # one line naming the known sources when unknown
+        if entry.conversations and self.packing != "segments":
+            raise ValueError(
+                f"data.source={self.source} holds conversations: set data.packing=segments so "
+                "packed conversations never attend to each other"
+            )
         return self
 
 
@@ -182,6 +187,11 @@ class TrainConfig(_Section):
     )
     step_timeout: float = Field(
         0.0, ge=0.0, description="seconds without progress before the watchdog exits; 0: off"
+    )
+    init_from: str | None = Field(
+        None,
+        description="RUN_DIR[@STEP]: start from that run's parameters (and tokenizer) with a "
+        "fresh optimiser and schedule at step 0 (fine-tuning); a resumed run ignores it",
     )
     stop_at: int = Field(
         0,

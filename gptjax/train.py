@@ -52,17 +52,19 @@ class Profiler:
 
 def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     setup = steps.build(cfg, debug.devices(cfg))  # config/mesh errors first, before the disk
+    init = runs.init_source(cfg) if cfg.train.init_from else None  # (source run, step)
     run_dir = runs.prepare_run_dir(cfg)
     with runlock.hold(run_dir):  # one writer per run directory (readers never take it)
-        return _run(cfg, setup, run_dir, progress)
+        return _run(cfg, setup, run_dir, progress, init)
 
 
-def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool) -> dict[str, Any]:
+def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -> dict[str, Any]:
     changed = runs.check_resume(run_dir, cfg)
     lead = jax.process_index() == 0
     if changed and lead:
         print(f"gptjax: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
-    data = runs.load_data(cfg, run_dir, progress=progress and lead)
+    source_tokenizer = tok.find(init[0]) if init else None
+    data = runs.load_data(cfg, run_dir, progress and lead, source_tokenizer)
     if lead:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         if tok.find(run_dir) is None:
@@ -72,7 +74,11 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool) -> dict
         run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, cfg.checkpoint.keep_period
     )
     restored = ckpt.restore_newest_valid(setup.abstract_state)
-    if restored is None:
+    if restored is None and init:  # fine-tuning: the source's parameters, a fresh optimiser
+        state, start = steps.fresh_state(setup, runs.init_params(*init, setup)), 0
+        if lead:
+            print(f"gptjax: starting from the parameters of {cfg.train.init_from}", file=sys.stderr)
+    elif restored is None:
         state, start = steps.init_state(setup), 0
     else:
         start, state = restored
@@ -107,6 +113,9 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool) -> dict
         for line in bad_steps.update(step, bool(record.pop("skipped"))):
             log.say(line)
         log.train(step, {**record, "bad_steps": bad_steps.total})
+
+    if init and start == 0:  # the starting point's loss on this data, before any update
+        log.eval(0, steps.evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps))
 
     profiler = Profiler(cfg.train.profile_steps, run_dir / "profile")
     guard = PreemptionGuard(sync_every=cfg.train.log_every)

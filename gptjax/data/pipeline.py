@@ -6,9 +6,13 @@ temporary name and renamed when complete, so nothing half-written is ever reused
     cache/documents/KEY/   local sources as a TFDS ArrayRecord dataset     (documents.py)
     cache/tokenizers/KEY.model   SentencePiece BPE trained on a capped sample of train documents
     cache/packed/KEY/      the tokenizer file (tokenizer.model or .json), train.array_record,
-                           val.array_record, meta.json
+                           val.array_record, meta.json (+ train.mask.array_record and
+                           val.mask.array_record for conversations)
 
 The packed key covers the documents (source content), the tokenizer bytes and seq_len.
+Conversation sources (gptjax/data/sources/__init__.py) are rendered with the chat template
+(gptjax/data/chat.py) and store each window's loss mask beside it; their tokenizer, when trained
+here, learns from the messages' text. Other sources score every target.
 
 `Dataset.train_rows(seed, s, B, start, stop)` are rows [start, stop) of the global batch of step
 s: global position p = s·B + r is window shuffle_e(p mod N) of epoch e = p div N, where
@@ -35,6 +39,7 @@ import numpy as np
 
 from gptjax.config import DataConfig
 from gptjax.data import batch as batch_module
+from gptjax.data import chat
 from gptjax.data import documents as docs_module
 from gptjax.data import tokenizer as tok
 from gptjax.data.corpus import DataError
@@ -54,11 +59,21 @@ def _digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _sample_texts(split: docs_module.Split, block: int = 256) -> Iterator[str]:
-    """Train documents in blocks of `block` records taken in a seeded random order."""
+def _sample_texts(
+    split: docs_module.Split, conversations: bool = False, block: int = 256
+) -> Iterator[str]:
+    """Train documents in blocks of `block` records taken in a seeded random order (the words of
+    conversations, not their JSON)."""
     n_blocks = -(-len(split) // block)
     for b in np.random.default_rng(0).permutation(n_blocks):
-        yield from split.texts(np.arange(b * block, min((b + 1) * block, len(split))))
+        texts = split.texts(np.arange(b * block, min((b + 1) * block, len(split))))
+        yield from (map(chat.plain_text, texts) if conversations else texts)
+
+
+def _is_chat(cfg: DataConfig) -> bool:
+    from gptjax.data.sources import parse
+
+    return parse(cfg.source)[0].conversations
 
 
 def _trained_tokenizer(
@@ -83,7 +98,8 @@ def _trained_tokenizer(
             f"{cfg.tokenizer_sample_bytes / 1e6:g} MB of {documents.description}",
             file=sys.stderr,
         )
-    model = tok.train(_sample_texts(train_documents), cfg.vocab_size, cfg.tokenizer_sample_bytes)
+    texts = _sample_texts(train_documents, _is_chat(cfg))
+    model = tok.train(texts, cfg.vocab_size, cfg.tokenizer_sample_bytes)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
     scratch.write_bytes(model)
@@ -125,24 +141,39 @@ def _read_ahead(chunks: Iterator, depth: int = 2) -> Iterator:
         thread.join()
 
 
-def _pack_split(split, limit, tokenizer, path: Path, window: int, bar) -> dict:
-    writer = WindowWriter(path, window, tokenizer.eod_id)
+def _pack_split(split, limit, tokenizer, path: Path, window: int, bar, template=None) -> dict:
+    """Tokenise and pack one split; with a chat `template`, documents are conversations and
+    their loss masks go to PATH.mask.array_record."""
+    mask_path = None if template is None else _mask_path(path)
+    writer = WindowWriter(path, window, tokenizer.eod_id, mask_path)
     n_docs = n_bytes = 0
     try:
         for texts in _read_ahead(split.chunks(CHUNK_DOCUMENTS, limit)):
-            writer.add(tokenizer.encode_batch(texts))
+            if template is None:
+                writer.add(tokenizer.encode_batch(texts))
+            else:
+                rendered = template.render_many([chat.from_json(t) for t in texts])
+                writer.add([ids for ids, _ in rendered], [mask for _, mask in rendered])
             size = sum(len(t.encode()) for t in texts)
             n_docs, n_bytes = n_docs + len(texts), n_bytes + size
             if bar is not None:
                 bar.update(size)
     finally:
         writer.close()
-    return {
+    counts = {
         "documents": n_docs,
         "bytes": n_bytes,
         "tokens": writer.tokens,
         "windows": writer.windows,
     }
+    if template is not None:
+        counts["scored_tokens"] = writer.scored
+    return counts
+
+
+def _mask_path(path: Path) -> Path:
+    """train.array_record -> train.mask.array_record"""
+    return path.with_name(path.name.replace(".array_record", ".mask.array_record"))
 
 
 def _tokenizer_for(cfg: DataConfig, tokenizer_path, max_vocab, documents, root, progress):
@@ -187,6 +218,9 @@ def prepare(
         "seq_len": seq_len,
         "val_max_documents": cfg.val_max_documents,
     }
+    conversations = _is_chat(cfg)
+    if conversations:
+        key["chat_template"] = chat.VERSION
     target = root / "packed" / _digest(key)
     if (target / "meta.json").is_file():
         return target
@@ -200,9 +234,11 @@ def prepare(
         started = time.perf_counter()
         tokenizer.save(scratch / tokenizer.filename)
         window = seq_len + 1
+        template = chat.Template(tokenizer) if conversations else None
         train_path, val_path = scratch / "train.array_record", scratch / "val.array_record"
-        train = _pack_split(documents.train, None, tokenizer, train_path, window, bar)
-        val = _pack_split(documents.val, cfg.val_max_documents, tokenizer, val_path, window, bar)
+        train = _pack_split(documents.train, None, tokenizer, train_path, window, bar, template)
+        limit = cfg.val_max_documents
+        val = _pack_split(documents.val, limit, tokenizer, val_path, window, bar, template)
         for name, split in (("train", train), ("validation", val)):
             if split["windows"] == 0:
                 raise DataError(
@@ -216,6 +252,7 @@ def prepare(
             "description": documents.description,
             "seq_len": seq_len,
             "vocab_size": tokenizer.vocab_size,
+            "loss_mask": conversations,
             "train": train,
             "validation": val,
             "seconds": round(seconds, 3),
@@ -245,6 +282,8 @@ class Dataset:
     directory: Path
     meta: dict = field(default_factory=dict)
     packing: str = "concat"  # data.packing: how windows become batches
+    train_mask: PackedWindows | None = None  # uint8 loss masks of the windows (conversations)
+    val_mask: PackedWindows | None = None
 
     def train_indices(self, seed: int, step: int, batch_size: int, start: int, stop: int):
         """Window ids of rows [start, stop) of the global batch of `step`: int64 [stop - start]."""
@@ -267,19 +306,27 @@ class Dataset:
         """Rows [start, stop) of the global batch of `step`: int32 [stop - start, seq_len + 1]."""
         return self.train.read(self.train_indices(seed, step, batch_size, start, stop))
 
+    def val_indices(self, eval_step: int, batch_size: int, start: int, stop: int) -> np.ndarray:
+        """Window ids of the fixed validation batch `eval_step` (the held-out windows, in order)."""
+        return (eval_step * batch_size + np.arange(start, stop)) % len(self.val)
+
     def val_rows(self, eval_step: int, batch_size: int, start: int, stop: int) -> np.ndarray:
-        """Rows of the fixed validation batch `eval_step` (the held-out windows, in order)."""
-        index = eval_step * batch_size + np.arange(start, stop)
-        return self.val.read(index % len(self.val))
+        return self.val.read(self.val_indices(eval_step, batch_size, start, stop))
 
     def train_batch(self, seed: int, step: int, batch_size: int, start: int, stop: int) -> dict:
         """Rows [start, stop) of the global batch of `step` as a batch dict (data/batch.py)."""
         windows = self.train_rows(seed, step, batch_size, start, stop)
-        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing)
+        mask = None
+        if self.train_mask is not None:
+            mask = self.train_mask.read(self.train_indices(seed, step, batch_size, start, stop))
+        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing, mask)
 
     def val_batch(self, eval_step: int, batch_size: int, start: int, stop: int) -> dict:
         windows = self.val_rows(eval_step, batch_size, start, stop)
-        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing)
+        mask = None
+        if self.val_mask is not None:
+            mask = self.val_mask.read(self.val_indices(eval_step, batch_size, start, stop))
+        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing, mask)
 
 
 def load_dataset(
@@ -296,4 +343,12 @@ def load_dataset(
     train = PackedWindows(directory / "train.array_record", window)
     val = PackedWindows(directory / "val.array_record", window)
     meta = json.loads((directory / "meta.json").read_text())
-    return Dataset(tokenizer, train, val, tokenizer.token_bytes(), directory, meta, cfg.packing)
+    masks = [None, None]
+    if meta.get("loss_mask"):
+        masks = [
+            PackedWindows(_mask_path(directory / f"{split}.array_record"), window, np.uint8)
+            for split in ("train", "val")
+        ]
+    return Dataset(
+        tokenizer, train, val, tokenizer.token_bytes(), directory, meta, cfg.packing, *masks
+    )

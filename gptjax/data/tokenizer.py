@@ -1,6 +1,8 @@
 """SentencePiece BPE that round-trips text exactly (code included): no normalisation, whitespace
 kept, digits split, unknown characters as UTF-8 bytes. Id 1 is the end-of-document token of the
-tokenizers trained here; a given model uses its own `eos` id.
+tokenizers trained here; a given model uses its own `eos` id. Ids 2-5 are the chat template's
+role markers (gptjax/data/chat.py), reserved as control pieces: never produced from text, so a
+pretrained run can be fine-tuned into a chat model without a new vocabulary.
 
 Every tokenizer gptjax uses has the interface of `TextTokenizer`; a directory (a run, the data
 cache) holds one tokenizer file whose name says its kind: `tokenizer.model` (SentencePiece, this
@@ -21,6 +23,7 @@ import sentencepiece as spm
 from gptjax.data.corpus import DataError
 
 EOD_ID = 1
+ROLE_PIECES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # the chat template's
 TRAINER_SETTINGS = dict(
     model_type="bpe",
     normalization_rule_name="identity",
@@ -31,6 +34,7 @@ TRAINER_SETTINGS = dict(
     add_dummy_prefix=False,
     character_coverage=0.9995,
     user_defined_symbols=["\n"],
+    control_symbols=list(ROLE_PIECES),
     unk_id=0,
     eos_id=EOD_ID,
     bos_id=-1,
@@ -149,6 +153,13 @@ class Tokenizer:
         if eos < 0:
             raise DataError("the tokenizer has no end-of-document (eos) piece")
         return eos
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a whole piece (e.g. a reserved role marker), None when the model lacks it."""
+        index = self.sp.piece_to_id(piece)
+        if index == self.sp.unk_id() or self.sp.id_to_piece(index) != piece:
+            return None
+        return index
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

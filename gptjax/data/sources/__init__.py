@@ -12,6 +12,9 @@
 - prepared sources (already stored as a dataset elsewhere):
     `open(argument, cfg: DataConfig) -> gptjax.data.documents.Documents`.
 
+A conversation source (`conversations=True`) yields documents whose text is a conversation as
+JSON (gptjax/data/chat.py): they are rendered with the chat template and packed with a loss mask.
+
 Adding a source is one new module in this folder and one entry below.
 """
 
@@ -29,6 +32,7 @@ class Source:
     module: str  # implementing module, imported on use
     argument: str | None  # what follows "NAME:" (None: the source takes no argument)
     summary: str
+    conversations: bool = False  # documents are JSON conversations (chat template, loss mask)
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -46,6 +50,18 @@ SOURCES: dict[str, Source] = {
     ),
     "tfds": Source(
         "gptjax.data.sources.tfds", "NAME", "a TFDS dataset prepared in ArrayRecord format"
+    ),
+    "chat": Source(
+        "gptjax.data.sources.chat",
+        "PATH",
+        'JSONL conversations {"messages": [{"role", "content"}]} (a file or a directory)',
+        conversations=True,
+    ),
+    "chitchat": Source(
+        "gptjax.data.sources.chitchat",
+        None,
+        "7,168 two-person conversations from the PyPI package chitchat-dataset (MIT)",
+        conversations=True,
     ),
 }
 
