@@ -5,10 +5,16 @@ under a temporary name and renames it when complete, so a half-written step is n
 old steps are removed only after a newer one is complete. Restores go through abstract targets
 carrying the new shardings, so a checkpoint written on one mesh restores onto any other mesh and
 any number of processes. Each step also stores the resolved config as JSON.
+
+A save that fails (out of disk space, most likely) stops the run with one line naming the step
+and the newest complete checkpoint, which a failed save never touches: Orbax deletes old steps
+only after a newer one is complete, and the failed step's temporary directory is deleted when
+training starts again.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,34 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:500] if text else type(error).__name__
 
 
+def _out_of_space(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is ENOSPC; TensorStore says it in words."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _ReportedOutOfSpace(logging.Filter):
+    """Drops Orbax's own tracebacks of a save that ran out of space (absl logs one per
+    background thread, a page each): the run reports it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.levelno >= logging.ERROR and failure is not None and _out_of_space(failure)
+        )
+
+
+_ABSL_FILTER = _ReportedOutOfSpace()
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -46,6 +80,9 @@ class Checkpointer:
         now: they must not delete its in-flight save (Orbax's tmp directory) nor create dirs."""
         self.directory = Path(run_dir).absolute() / "checkpoints"
         self.read_only = read_only
+        self._saving: int | None = None  # the step of a save that may still be running
+        self._failed = False
+        logging.getLogger("absl").addFilter(_ABSL_FILTER)  # once: filters are a set
         # (Not Orbax's own read_only option: it logs three warnings each time.)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
@@ -76,7 +113,45 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._finish()  # a failure of the previous save is reported as that step's
+        self._saving = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
+            raise self._save_failed(error) from None
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose directory is complete on disk (renamed from Orbax's temporary name)."""
+        try:
+            names = [p.name for p in self.directory.iterdir() if p.is_dir()]
+        except OSError:
+            return []
+        return sorted(int(name) for name in names if name.isdigit())
+
+    def _save_failed(self, error: BaseException) -> CheckpointError:
+        """The one line for a failed save of step `self._saving`."""
+        step, self._saving, self._failed = self._saving, None, True
+        complete = [s for s in self.complete_steps() if s != step]
+        if _out_of_space(error):
+            reason, fix = f"no space left on device ({self.directory})", "free space"
+        else:
+            reason, fix = _first_line(error), "fix that"
+        if complete:
+            kept = f"the newest complete checkpoint, step {complete[-1]}, is intact: {fix} and "
+            kept += "run the same command to resume from it"
+        else:
+            kept = f"there is no complete checkpoint yet: {fix} and run the same command"
+        return CheckpointError(f"saving checkpoint step {step} failed: {reason}; {kept}")
+
+    def _finish(self) -> None:
+        """Wait for the save in flight; CheckpointError if it failed."""
+        if self._saving is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._save_failed(error) from None
+        self._saving = None
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """Restore `step` (default newest) onto the shardings in `abstract_state`."""
@@ -140,6 +215,7 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
+        self._finish()
         self.manager.wait_until_finished()
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
@@ -172,5 +248,13 @@ class Checkpointer:
         return restored["state"]["params"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the save in flight and close; a failed save is reported (CheckpointError)
+        once."""
+        try:
+            self._finish()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the failed save again, already reported
+                if not self._failed:
+                    raise

@@ -7,6 +7,7 @@ bit-identical and the batch of a step depends only on the seed and the step); on
 or process count only the order of f32 sums changes.
 """
 
+import errno
 import json
 import logging
 import math
@@ -374,6 +375,61 @@ def test_truncated_checkpoint_falls_back_to_the_previous_step(
     # Step 20 was trained again from 10 (and saved again); the damaged copy is kept aside.
     assert step_dirs(run) == ["10", "20", "20.unreadable"]
     assert losses(run) == expected
+
+
+def out_of_space_at(monkeypatch, step: int) -> None:
+    """Every array write of checkpoint `step` fails with ENOSPC, in Orbax's background thread,
+    where TensorStore's real "No space left on device" arises (the function Orbax hands each
+    array to TensorStore with; private to Orbax, hence looked up here)."""
+    from orbax.checkpoint._src.serialization import serialization
+
+    original = serialization.async_serialize_from_host
+
+    async def write(rslices, tspec, **kwargs):
+        if f"/{step}.orbax-checkpoint-tmp" in str(tspec):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await original(rslices, tspec, **kwargs)
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", write)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("full_at", "intact"), [(15, 10), (20, 15)], ids=["next-save", "last"])
+def test_out_of_disk_during_a_save_stops_in_one_line_and_resumes_exactly(
+    reference, tmp_path, cache_dir, monkeypatch, capsys, caplog, full_at, intact
+):
+    """Checkpoints every 5 steps; the save of `full_at` runs out of space (found when the next
+    save waits for it, or by the final wait of the run). One line, exit 2; the complete steps are
+    untouched, and the run resumes from `intact` with the uninterrupted run's losses (checked in
+    the first case; the second ends the same way)."""
+    _, expected = reference
+    run = tmp_path / "run"
+    argv = ["train", CONFIG, f"run_dir={run}", f"data.cache_dir={cache_dir}", *MESH_222]
+    argv += [f"train.steps={STEPS}", *COMMON, "checkpoint.every=5", "--no-progress"]
+    with monkeypatch.context() as patch:
+        out_of_space_at(patch, full_at)
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"gptjax: error: saving checkpoint step {full_at} failed: no space left on device "
+        f"({run}/checkpoints); the newest complete checkpoint, step {intact}, is intact: free "
+        "space and run the same command to resume from it"
+    )
+    assert "Traceback" not in err
+    assert not [r for r in caplog.records if "No space left" in str(r.exc_info)]  # no pages
+    complete = [name for name in step_dirs(run) if name.isdigit()]
+    assert complete == [str(intact - 5), str(intact)]  # keep=2, the failed step not among them
+    assert not (run / "train.lock").exists()
+    if full_at == STEPS:
+        return  # resuming is the same as in the other case
+
+    assert cli.main(argv) == 0  # space again: resumes from `intact`
+    assert f"resumed {run} at step {intact}" in capsys.readouterr().err
+    resumed = losses(run)
+    assert [resumed[s] for s in range(intact + 1, STEPS + 1)] == [
+        expected[s] for s in range(intact + 1, STEPS + 1)
+    ]
+    assert step_dirs(run) == ["15", "20"]  # the failed step's temporary directory is gone
 
 
 def test_no_readable_checkpoint_is_one_clear_error(reference, tmp_path, cache_dir, capsys):
