@@ -67,6 +67,45 @@ class _ReportedOutOfSpace(logging.Filter):
 _ABSL_FILTER = _ReportedOutOfSpace()
 
 
+class _ReadFailure:
+    """What the state handler's `restore` returns instead of raising (_reporting_handler)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _reporting_handler() -> ocp.StandardCheckpointHandler:
+    """Orbax's standard handler whose `restore` returns a failure to read instead of raising it.
+
+    With several processes each reads its own shards, so one may fail where the others succeed;
+    Orbax's restore ends in a barrier that a raising process would skip (the others then wait,
+    or pair it with the next collective). Returned, the failure lets every process reach that
+    barrier, then all agree on the step. (The instance keeps its type, so checkpoints still name
+    Orbax's handler in their metadata.)"""
+    handler = ocp.StandardCheckpointHandler()
+    read = handler.restore
+
+    def restore(directory, *args, **kwargs):
+        try:
+            return read(directory, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure to read means an unusable step
+            return _ReadFailure(error)
+
+    handler.restore = restore
+    return handler
+
+
+def _processes_failing(failed_here: bool) -> list[int]:
+    """The indices of the processes for which `failed_here` is True (an all-gather)."""
+    if jax.process_count() == 1:
+        return [0] if failed_here else []
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(failed_here)))
+    return [int(i) for i in np.flatnonzero(flags)]
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -95,7 +134,7 @@ class Checkpointer:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": _reporting_handler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
         )
@@ -165,8 +204,10 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             )
         except Exception as error:  # noqa: BLE001 - any failure here means an unusable step
-            message = f"cannot restore step {step} from {self.directory}: {_first_line(error)}"
-            raise CheckpointError(message) from None
+            restored = {"state": _ReadFailure(error)}
+        if isinstance(restored["state"], _ReadFailure):
+            reason = _first_line(restored["state"].error)
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {reason}")
         return restored["state"]
 
     def restore_newest_valid(self, abstract_state: Any) -> tuple[int, Any] | None:
@@ -180,9 +221,22 @@ class Checkpointer:
         broken = []
         for step in reversed(steps):
             try:
-                state = self.restore(abstract_state, step)
-            except CheckpointError as error:
+                state, error = self.restore(abstract_state, step), None
+            except CheckpointError as failure:
+                state, error = None, failure
                 log.warning("skipping checkpoint: %s", error)
+            # With several processes each reads its own shards: a step is used only when every
+            # process read it, so all of them resume from the same step.
+            failed = _processes_failing(error is not None)
+            if failed:
+                if error is None:
+                    names = ", ".join(str(i) for i in failed)
+                    log.warning(
+                        "skipping checkpoint: process %s could not restore step %d from %s",
+                        names,
+                        step,
+                        self.directory,
+                    )
                 broken.append(step)
                 continue
             if broken and not self.read_only:

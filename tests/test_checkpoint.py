@@ -432,6 +432,47 @@ def test_out_of_disk_during_a_save_stops_in_one_line_and_resumes_exactly(
     assert step_dirs(run) == ["15", "20"]  # the failed step's temporary directory is gone
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_step_one_process_cannot_read_is_skipped_by_all(tmp_path, cache_dir):
+    """2 processes x 4 devices with the parameters split between them (fsdp 4 x tensor 2): each
+    process reads only its own shards. Process 1's shards of step 4 are damaged, so process 1
+    cannot restore it while process 0 can: both must resume from step 2 (not hang in a barrier,
+    not train from different steps), set 4 aside, and retrain steps 3-4 exactly."""
+    run = tmp_path / "run"
+    launcher = [sys.executable, "-m", "gptjax", "launch", "--nproc=2", "--devices-per-proc=4"]
+    argv = [*launcher, "--grace=2", "--", "train", CONFIG]
+    overrides = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "train.steps=4"]
+    overrides += ["checkpoint.every=2", "distributed.heartbeat_timeout=20"]
+    first = start(run, cache_dir, *overrides, log=tmp_path / "first", argv=argv)
+    assert finish(first, timeout=300) == 0, (tmp_path / "first.err").read_text()[-3000:]
+    expected = losses(run)
+    assert sorted(expected) == [1, 2, 3, 4] and step_dirs(run) == ["2", "4"]
+    shards = sorted((run / "checkpoints" / "4" / "state" / "ocdbt.process_1" / "d").iterdir())
+    assert shards  # what process 1 wrote, and alone reads back on this mesh
+    for shard in shards:
+        os.truncate(shard, shard.stat().st_size // 2)
+
+    second = start(run, cache_dir, *overrides, log=tmp_path / "second", argv=argv)
+    code = finish(second, timeout=300)  # a hang fails here
+    err = (tmp_path / "second.err").read_text()
+    assert code == 0, err[-3000:]
+    where = re.escape(f"{run}/checkpoints")
+    assert re.search(  # process 1 names the array and the file it could not read ...
+        rf"\[rank 1\] gptjax: WARNING: skipping checkpoint: cannot restore step 4 from {where}: "
+        rf'.*Error reading "[\w.]+/[\d.]+" in OCDBT database',
+        err,
+    ), err[-3000:]
+    # ... process 0, which read it, skips it too, and both resume from step 2.
+    assert (
+        f"[rank 0] gptjax: WARNING: skipping checkpoint: process 1 could not restore step 4 "
+        f"from {run}/checkpoints"
+    ) in err
+    assert f"[rank 0] gptjax: resumed {run} at step 2" in err
+    assert step_dirs(run) == ["2", "4", "4.unreadable"]
+    assert losses(run) == expected  # steps 3 and 4 again, bit for bit (the same mesh)
+
+
 def test_no_readable_checkpoint_is_one_clear_error(reference, tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
