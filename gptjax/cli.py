@@ -1,5 +1,5 @@
-"""`gptjax` / `python -m gptjax`: train, sample, eval, export, import, bench, plan, plot, data,
-launch, sweep.
+"""`gptjax` / `python -m gptjax`: train, sample, chat, serve, eval, export, import, bench, plan,
+plot, data, launch, sweep.
 
 A user's mistake prints one line (`gptjax: error: ...`) and exits 2."""
 
@@ -105,6 +105,28 @@ def _sample(args) -> int:
             print(prompts[shown] + texts[shown], flush=True)
             shown += 1
     return 0
+
+
+def _settings(args):
+    from gptjax.chatbot import Settings
+
+    settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    settings.check()  # bad settings: before loading
+    return settings
+
+
+def _chat(args) -> int:
+    from gptjax import terminal
+    from gptjax.chatbot import Chatbot
+
+    settings = _settings(args)
+    return terminal.run(Chatbot(args.run_dir, args.step), settings, args.system)
+
+
+def _serve(args) -> int:
+    from gptjax import serve
+
+    return serve.serve(args.run_dir, args.host, args.port, args.step)
 
 
 def _eval(args) -> int:
@@ -235,6 +257,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help="stop a sample at this text (not printed)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     p.set_defaults(run=_sample)
+
+    p = commands.add_parser("chat", help="talk to a chat model in the terminal (streaming)")
+    p.add_argument("run_dir")
+    p.add_argument("--system", default=None, help="a system message to start with")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="per reply")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    p.set_defaults(run=_chat)
+
+    p = commands.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions)")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    p.set_defaults(run=_serve)
 
     p = commands.add_parser("eval", help="validation loss, perplexity and bits per byte")
     p.add_argument("run_dir")

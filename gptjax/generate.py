@@ -187,14 +187,16 @@ def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: i
         token = _choose(state["logits"], keys, settings, vocab)
         new = state["new"] + active
         length = state["length"] + active
+        stop_ids = jnp.atleast_1d(settings["eod"])  # the end-of-document token and others
+        ends = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
         reason = jnp.select(
-            [token == settings["eod"], new >= settings["max_new"], length >= seq_len],
+            [ends, new >= settings["max_new"], length >= seq_len],
             [1, 2, 3],
             0,
         )
         reason = jnp.where(active, reason, state["reason"])
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
-        shown = active & (token != settings["eod"])
+        shown = active & ~ends
         emitted = jax.lax.dynamic_update_slice(emitted, shown[:, None], (0, i))
         # append the tokens of the rows still running (the others write padding)
         keep = reason == 0
@@ -270,7 +272,7 @@ class Generator:
         max_new_tokens: int | Sequence[int] = 200,
         sampling: Sampling = Sampling(),
         seed: int = 0,
-        eod_id: int | None = None,
+        eod_id: int | Sequence[int] | None = None,
         vocab: int | None = None,
         halt: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -279,8 +281,9 @@ class Generator:
         Yields (tokens [R, k], emitted [R, k] bool, reasons [R] int) per device call for the R
         prompts until every row has finished: row r's new tokens are tokens[r][emitted[r]],
         its reason is 0 while it runs, then a key of `FINISH`. Setting halt[r] (a bool [R]
-        array the caller owns) finishes row r from the next call on. `eod_id` None never stops
-        at a token; `vocab` (default the model's) bounds the ids that can be drawn.
+        array the caller owns) finishes row r from the next call on. `eod_id` (one id or
+        several, e.g. a chat's end-of-turn marker too) ends a row, None never stops at a token;
+        `vocab` (default the model's) bounds the ids that can be drawn.
         """
         n = len(prompts)
         if n == 0:
@@ -314,7 +317,8 @@ class Generator:
         }
         settings = {k: put(v, self._rows) for k, v in settings.items()}
         settings["seed"] = put(np.int32(seed), self._scalar)
-        settings["eod"] = put(np.int32(-1 if eod_id is None else eod_id), self._scalar)
+        stop_ids = [] if eod_id is None else [eod_id] if isinstance(eod_id, int) else eod_id
+        settings["eod"] = put(np.array([-1, *stop_ids], np.int32), self._scalar)
         graphdef = self.setup.graphdef
         halt = np.zeros(n, bool) if halt is None else halt
 
@@ -352,10 +356,11 @@ class Generator:
 
 class _TextRow:
     """One row's ids -> text pieces: complete characters only, held back while they might begin
-    the stop string, cut before it."""
+    a stop string, cut before the first one."""
 
-    def __init__(self, tokenizer, stop: str | None):
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(self, tokenizer, stop: str | Sequence[str] | None):
+        self.tokenizer = tokenizer
+        self.stops = [stop] if isinstance(stop, str) else list(stop or ())
         self.ids: list[int] = []
         self.shown = 0  # characters already given out
         self.text = ""
@@ -364,56 +369,66 @@ class _TextRow:
     def add(self, ids: list[int], final: bool) -> str:
         self.ids.extend(ids)
         text = self.tokenizer.decode(self.ids)
-        if self.stop and (cut := text.find(self.stop)) >= 0:
-            text, final, self.stopped = text[:cut], True, True
+        cuts = [at for stop in self.stops if (at := text.find(stop)) >= 0]
+        if cuts:
+            text, final, self.stopped = text[: min(cuts)], True, True
         ready = text
         if not final:
             ready = ready.rstrip("\ufffd")  # an incomplete UTF-8 character so far
-            if self.stop:
-                for size in range(min(len(self.stop) - 1, len(ready)), 0, -1):
-                    if ready.endswith(self.stop[:size]):
-                        ready = ready[:-size]
+            held = 0  # the longest end of `ready` that begins some stop string
+            for stop in self.stops:
+                for size in range(min(len(stop) - 1, len(ready)), held, -1):
+                    if ready.endswith(stop[:size]):
+                        held = size
                         break
+            ready = ready[: len(ready) - held]
         piece = ready[self.shown :]
         self.shown = max(self.shown, len(ready))
         self.text = text
         return piece
 
 
-def encode_prompts(tokenizer: tok.TextTokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt; an empty prompt starts a new document (the end-of-document
-    token)."""
-    return [list(tokenizer.encode(p)) or [tokenizer.eod_id] for p in prompts]
+def encode_prompts(
+    tokenizer: tok.TextTokenizer, prompts: Sequence[str | Sequence[int]]
+) -> list[list[int]]:
+    """Token ids of each prompt (text, or already token ids such as a chat template's); an
+    empty prompt starts a new document (the end-of-document token)."""
+    encode = lambda p: tokenizer.encode(p) if isinstance(p, str) else [int(i) for i in p]
+    return [list(encode(p)) or [tokenizer.eod_id] for p in prompts]
 
 
 def generate(
     setup: steps.Setup,
     params: Any,
     tokenizer: tok.TextTokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    stop: str | None = None,
+    stop: str | Sequence[str] | None = None,
     stop_at_eod: bool = True,
     chunk: int = 16,
+    stop_ids: Sequence[int] = (),
 ) -> Iterator[Chunk]:
     """Continue each prompt, yielding `Chunk(row, ids, text, finish)` as tokens are produced.
 
     Rows are the prompts' indices; each row stops on its own at the end-of-document token
-    (unless `stop_at_eod` is False), at `stop` (its text is cut before it), after
-    `max_new_tokens`, or when the context is full. `tokenizer`: encode, decode, eod_id and
-    vocab_size of a `gptjax.data.tokenizer.TextTokenizer` (SentencePiece or byte-level BPE)."""
+    (unless `stop_at_eod` is False) or another of `stop_ids` (finish "eod" too; the token is
+    not shown), at `stop` (one string or several; the text is cut before the first), after
+    `max_new_tokens`, or when the context is full. A prompt is text or token ids. `tokenizer`:
+    encode, decode, eod_id and vocab_size of a `gptjax.data.tokenizer.TextTokenizer`
+    (SentencePiece or byte-level BPE)."""
     sampling = Sampling(temperature, top_k, top_p)
-    if stop == "":
+    if stop == "" or (not isinstance(stop, str) and "" in (stop or ())):
         raise ConfigError("stop is empty; give the text to stop at, or none")
     ids = encode_prompts(tokenizer, prompts)
     generator = Generator(setup, params, chunk)
     texts = [_TextRow(tokenizer, stop) for _ in prompts]
     halt = np.zeros(len(prompts), bool)  # finished rows, as the host sees them
-    eod = tokenizer.eod_id if stop_at_eod else None
+    eod = [tokenizer.eod_id] if stop_at_eod else []
+    eod = [*eod, *stop_ids] or None
     calls = generator.stream(ids, max_new_tokens, sampling, seed, eod, tokenizer.vocab_size, halt)
     for tokens, emitted, reasons in calls:
         for row, text in enumerate(texts):

@@ -281,6 +281,15 @@ def test_a_stop_string_cuts_the_text_and_is_never_shown():
     assert "".join(pieces("a stop that never comes: x", stop="xyz")) == "a stop that never comes: x"
 
 
+def test_the_first_of_several_stop_strings_cuts_the_text():
+    stops = ["<|end|>", "<|user|>", "\n\n"]
+    for step in (1, 3):
+        got = pieces("reply text<|user|>more<|end|>", stop=stops, step=step)
+        assert "".join(got) == "reply text"
+        assert not any("<" in piece for piece in got)  # a stop's beginning is never shown
+    assert "".join(pieces("a <| b <|en", stop=stops)) == "a <| b <|en"  # never completed
+
+
 def test_generate_streams_text_that_matches_the_tokens(tiny):
     """The text API: pieces decode the row's tokens, and a stop string ends the row."""
     setup, params = tiny

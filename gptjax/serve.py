@@ -1,0 +1,374 @@
+"""`gptjax serve RUN_DIR`: the OpenAI HTTP API for one run (FastAPI + uvicorn).
+
+    GET  /health                 {"status": "ok", "model": NAME, "context": N, "queued": K}
+    GET  /v1/models              the one model
+    POST /v1/chat/completions    messages -> the assistant's reply (chat template, <|end|> stops)
+    POST /v1/completions         a prompt -> its continuation
+
+`stream: true` sends server-sent events (`data: {chunk}` ... `data: [DONE]`) as tokens are
+generated, in OpenAI's chunk format. Supported request fields: model (any name; the run's is
+reported), messages / prompt, max_tokens (max_completion_tokens), temperature, top_p, top_k,
+seed, stop (a string or up to 4), n = 1, stream, stream_options.include_usage; other fields are
+ignored. Defaults follow OpenAI: temperature 1, top_p 1, max_tokens 16 for completions and the
+rest of the context for chat. A reply that reaches the end of the context finishes with "length".
+
+Every mistake is a 4xx JSON `{"error": {"message", "type": "invalid_request_error", "param",
+"code"}}`: malformed JSON, a missing or mistyped field, an unknown role, a system message after
+the first, a prompt over the context (code "context_length_exceeded"), n > 1, an unknown path.
+
+One worker thread owns the model; requests wait in a FIFO queue and are answered one at a time
+(each streams as it is generated). A client that disconnects frees the worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Literal
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from gptjax.chatbot import Chatbot, Piece, Settings
+from gptjax.config import ConfigError
+from gptjax.data import DataError, chat
+
+_DONE = object()
+
+
+class Worker:
+    """The thread that runs every generation, one request at a time, in arrival order."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name="gptjax-generate", daemon=True).start()
+
+    def pending(self) -> int:
+        return self.jobs.qsize()
+
+    def submit(self, make: Callable[[], Iterator[Piece]]) -> AsyncIterator[Piece]:
+        """Queue a generation; iterate the result to receive its pieces as they come."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        self.jobs.put((make, loop, out, cancelled))
+
+        async def pieces():
+            try:
+                while (item := await out.get()) is not _DONE:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:  # finished, or the client went away: either way the worker may stop
+                cancelled.set()
+
+        return pieces()
+
+    def _loop(self) -> None:
+        while True:
+            make, loop, out, cancelled = self.jobs.get()
+            if cancelled.is_set():
+                continue
+            send = functools.partial(_send, loop, out, cancelled)
+            try:
+                for piece in make():
+                    send(piece)
+                    if cancelled.is_set():
+                        break
+                send(_DONE)
+            except Exception as error:  # noqa: BLE001 - handed to the request, answered as 500
+                send(error)
+
+
+def _send(loop, out: asyncio.Queue, cancelled: threading.Event, item) -> None:
+    """Hand `item` to the request's event loop (from the worker thread)."""
+    try:
+        loop.call_soon_threadsafe(out.put_nowait, item)
+    except RuntimeError:  # the event loop has closed (shutting down)
+        cancelled.set()
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise RequestError("stop: give up to 4 non-empty strings", "stop")
+        return tuple(stops)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    echo: bool = False
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def _error(status: int, message: str, param=None, code=None) -> JSONResponse:
+    body = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    if status >= 500:
+        body["type"] = "server_error"
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def _explain(error: RequestValidationError) -> tuple[str, str | None]:
+    first = error.errors()[0]
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    param = ".".join(where) or None
+    return f"{param or 'body'}: {first.get('msg')}", param
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+def make_app(bot: Chatbot) -> FastAPI:
+    app = FastAPI(title="gptjax", docs_url=None, redoc_url=None)
+    worker = Worker()
+    seeds = itertools.count()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        return _error(400, *_explain(error))
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError):
+        return _error(400, str(error), error.param, error.code)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        return _error(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception):
+        return _error(500, f"generation failed: {type(error).__name__}: {error}")
+
+    @app.get("/health")
+    async def health():
+        name, context = bot.name, bot.context
+        return {"status": "ok", "model": name, "context": context, "queued": worker.pending()}
+
+    @app.get("/v1/models")
+    async def models():
+        entry = {"id": bot.name, "object": "model", "created": 0, "owned_by": "gptjax"}
+        return {"object": "list", "data": [entry]}
+
+    def settings(body: _Request, max_tokens: int) -> Settings:
+        seed = body.seed if body.seed is not None else next(seeds)
+        chosen = Settings(max_tokens, body.temperature, body.top_k, body.top_p, seed, body.stops())
+        try:
+            chosen.check()
+        except ConfigError as error:
+            raise RequestError(str(error)) from None
+        return chosen
+
+    def room(prompt_tokens: int, asked: int | None) -> int:
+        """New tokens allowed: as asked, at most to the end of the context."""
+        left = bot.context - prompt_tokens
+        if left < 1:
+            raise RequestError(
+                f"the prompt has {prompt_tokens} tokens but this model's context holds "
+                f"{bot.context}, new tokens included",
+                "messages",
+                "context_length_exceeded",
+            )
+        return min(asked or left, left)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            messages = chat.check(messages, "messages")
+        except DataError as error:
+            raise RequestError(str(error), "messages") from None
+        prompt_tokens = bot.prompt_tokens(messages)
+        asked = body.max_completion_tokens or body.max_tokens
+        chosen = settings(body, room(prompt_tokens, asked))
+        pieces = worker.submit(lambda: bot.reply(messages, chosen))
+        reply = Reply("chat.completion", "chatcmpl", bot.name, prompt_tokens)
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return _sse(reply.chat_chunks(pieces, usage))
+        return await reply.chat_response(pieces)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise RequestError("prompt: give one prompt (a string or a list of one)", "prompt")
+            prompt = prompt[0]
+        prompt_tokens = bot.prompt_tokens(prompt=prompt)
+        chosen = settings(body, room(prompt_tokens, body.max_tokens))
+        pieces = worker.submit(lambda: bot.complete(prompt, chosen))
+        reply = Reply("text_completion", "cmpl", bot.name, prompt_tokens)
+        echo = prompt if body.echo else ""
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return _sse(reply.text_chunks(pieces, echo, usage))
+        return await reply.text_response(pieces, echo)
+
+    return app
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines():
+        async for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
+
+
+class Reply:
+    """One response in OpenAI's shapes (whole, or as stream chunks)."""
+
+    def __init__(self, kind: str, prefix: str, model: str, prompt_tokens: int):
+        self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.completion_tokens = 0
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def usage(self) -> dict:
+        prompt, done = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    async def _collect(self, pieces) -> tuple[str, str]:
+        text, finish = "", "length"
+        async for piece in pieces:
+            text += piece.text
+            self.completion_tokens += piece.tokens
+            finish = _finish(piece) or finish
+        return text, finish
+
+    async def chat_response(self, pieces) -> dict:
+        text, finish = await self._collect(pieces)
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+        return {**self._head(self.kind), "choices": [choice], "usage": self.usage()}
+
+    async def text_response(self, pieces, echo: str) -> dict:
+        text, finish = await self._collect(pieces)
+        choice = {"index": 0, "text": echo + text, "finish_reason": finish, "logprobs": None}
+        return {**self._head(self.kind), "choices": [choice], "usage": self.usage()}
+
+    async def chat_chunks(self, pieces, usage: bool) -> AsyncIterator[dict]:
+        head = self._head("chat.completion.chunk")
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield {**head, "choices": [first]}
+        async for piece in pieces:
+            self.completion_tokens += piece.tokens
+            delta = {"content": piece.text} if piece.text else {}
+            if delta or piece.finish:
+                choice = {"index": 0, "delta": delta, "finish_reason": _finish(piece)}
+                yield {**head, "choices": [choice]}
+        if usage:
+            yield {**head, "choices": [], "usage": self.usage()}
+
+    async def text_chunks(self, pieces, echo: str, usage: bool) -> AsyncIterator[dict]:
+        head = self._head(self.kind)
+        if echo:
+            yield {**head, "choices": [{"index": 0, "text": echo, "finish_reason": None}]}
+        async for piece in pieces:
+            self.completion_tokens += piece.tokens
+            if piece.text or piece.finish:
+                choice = {"index": 0, "text": piece.text, "finish_reason": _finish(piece)}
+                yield {**head, "choices": [choice]}
+        if usage:
+            yield {**head, "choices": [], "usage": self.usage()}
+
+
+def _finish(piece: Piece) -> str | None:
+    return {"context": "length"}.get(piece.finish, piece.finish)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket (port 0: any free port); one-line ConfigError when it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, step=None, chunk: int = 8) -> int:
+    sock = listen(host, port)  # before loading: a taken port fails at once
+    bot = Chatbot(run_dir, step, chunk)
+    for _ in bot.reply([{"role": "user", "content": "hi"}], Settings(max_new_tokens=2)):
+        pass  # compile the generator before the first request
+    bound = sock.getsockname()[1]
+    print(
+        f"gptjax: serving {bot.name} on http://{host}:{bound}/v1 (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    server = uvicorn.Server(uvicorn.Config(make_app(bot), log_level="warning"))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,271 @@
+"""Talking to a run: the chat model (history fitting, replies that stop at the end of turn), the
+OpenAI-compatible server driven by the official `openai` client, and `gptjax chat` in a
+pseudo-terminal. The oracle for every reply is the same greedy generation run in this process."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import ROOT, tiny_config
+
+from gptjax import generate, train
+from gptjax.chatbot import Chatbot, ContextError, Settings
+
+openai = pytest.importorskip("openai")
+pexpect = pytest.importorskip("pexpect")
+
+GREEDY = Settings(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cache_dir):
+    """A tiny run (its tokenizer reserves the role pieces, so it renders chats natively)."""
+    run = tmp_path_factory.mktemp("chatrun")
+    train.train(tiny_config(run, cache_dir, "train.steps=1", "train.eval_steps=1"), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def bot(run_dir):
+    return Chatbot(run_dir)
+
+
+def reply_text(bot, messages, settings=GREEDY):
+    return "".join(piece.text for piece in bot.reply(messages, settings))
+
+
+def test_replies_stop_at_the_end_of_turn_and_equal_the_plain_generation(bot):
+    """The reply is the greedy continuation of the rendered prompt, cut at the first <|end|>
+    or end-of-document token (the generator's stop ids)."""
+    messages = [{"role": "user", "content": "def main():"}]
+    ids = bot.template.prompt(messages)
+    assert ids[-1] == bot.tokenizer.piece_id("<|assistant|>")
+    pieces = list(generate.generate(bot.setup, bot.params, bot.tokenizer, [ids], 40, 0.0))
+    tokens = [t for p in pieces for t in p.ids]
+    stops = {bot.template.end_id, bot.tokenizer.eod_id}
+    cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+    settings = Settings(max_new_tokens=40, temperature=0.0)
+    got = list(bot.reply(messages, settings))
+    assert "".join(p.text for p in got) == bot.tokenizer.decode(tokens[:cut])
+    assert sum(p.tokens for p in got) == cut
+    assert got[-1].finish == ("length" if cut == len(tokens) else "stop")
+
+
+def test_history_keeps_the_newest_turns_that_fit(bot):
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for i in range(12):
+        turns += [
+            {"role": "user", "content": f"question {i}: what does import do?"},
+            {"role": "assistant", "content": f"answer {i}: it loads a module."},
+        ]
+    asked = [system, *turns, {"role": "user", "content": "and from?"}]
+    fitted = bot.fit(asked, max_new_tokens=200)
+    limit = bot.context - bot.reply_room(200)
+    assert fitted[0] == system and fitted[-1] == asked[-1]
+    assert fitted[1]["role"] == "user" and len(fitted) < len(asked)
+    assert fitted == [system, *asked[len(asked) - len(fitted) + 1 :]]  # a suffix of the turns
+    assert len(bot.template.prompt(fitted)) <= limit
+    one_more = [system, *asked[len(asked) - len(fitted) - 1 :]]  # the previous exchange too
+    assert len(bot.template.prompt(one_more)) > limit
+    with pytest.raises(ContextError, match="the context holds 64"):
+        bot.fit([{"role": "user", "content": "word " * 200}], max_new_tokens=10)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """`gptjax serve RUN_DIR --port 0` in a subprocess; yields its base URL."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptjax", "serve", str(run_dir), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        line = ""
+        for line in process.stderr:  # noqa: B007 - the last line read is used below
+            if "serving" in line:
+                break
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert found, f"the server did not start: {line!r}"
+        yield f"http://127.0.0.1:{found.group(1)}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def request(url, body: str | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a GET (or a POST of `body` as JSON) with the standard library."""
+    data = None if body is None else body.encode()
+    req = urllib.request.Request(url, data, {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_openai_client_gets_a_completion_and_a_streamed_chat_completion(server, bot):
+    done = client(server).completions.create(
+        model="tiny", prompt="import os\n", max_tokens=8, temperature=0
+    )
+    expected = generate.complete(
+        bot.setup, bot.params, bot.tokenizer, ["import os\n"], max_new_tokens=8, temperature=0
+    )[0]
+    assert done.choices[0].text == expected
+    assert done.usage.prompt_tokens == len(bot.tokenizer.encode("import os\n"))
+    assert done.choices[0].finish_reason in ("stop", "length")
+
+    messages = [
+        {"role": "system", "content": "You write Python."},
+        {"role": "user", "content": "open a file"},
+    ]
+    stream = client(server).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == reply_text(bot, messages)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+healthy = {"status": "ok", "model": "chatrun0", "context": 64, "queued": 0}
+
+
+@pytest.mark.parametrize(
+    "path, body, status, where",
+    [
+        ("/v1/chat/completions", "{not json", 400, "not valid JSON"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "m"}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+            400,
+            "system message may only come first",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 100}]}, 400, ""),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt"),
+        ("/v1/completions", {"prompt": "x", "stop": ""}, 400, "stop"),
+        ("/v1/nothing", {}, 404, "Not Found"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_json_error(server, path, body, status, where):
+    content = body if isinstance(body, str) else json.dumps(body)
+    got, answer = request(server + path, content)
+    assert got == status
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and where in error["message"]
+    if "x x" in content:
+        assert error["code"] == "context_length_exceeded"
+    assert request(server + "/health") == (200, healthy)  # still serving
+
+
+def test_the_openai_client_raises_bad_request_for_an_unknown_role(server):
+    with pytest.raises(openai.BadRequestError):
+        client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "wizard", "content": "hi"}]
+        )
+
+
+def test_eight_concurrent_requests_are_all_answered(server, bot):
+    prompts = [f"write function number {i}" for i in range(8)]
+
+    def ask(i):
+        messages = [{"role": "user", "content": prompts[i]}]
+        common = dict(model="tiny", messages=messages, max_tokens=6, temperature=0)
+        if i % 2:
+            stream = client(server).chat.completions.create(**common, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        return client(server).chat.completions.create(**common).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    settings = Settings(max_new_tokens=6, temperature=0.0)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer == reply_text(bot, [{"role": "user", "content": prompt}], settings)
+    assert request(server + "/health")[1]["queued"] == 0
+
+
+def test_a_taken_port_is_one_clear_error(server):
+    port = server.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "gptjax", "serve", "nowhere", "--port", port],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"gptjax: error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in result.stderr
+
+
+# --- the terminal -------------------------------------------------------------------------------
+
+
+# pexpect forks this (JAX-threaded) process only to exec the chat at once: nothing can deadlock
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_chat_in_a_pseudo_terminal_answers_and_exits_on_ctrl_d(run_dir, bot):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "gptjax", "chat", str(run_dir), "--max-new-tokens", "12", "--temperature", "0"],
+        cwd=str(ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        encoding="utf-8",
+        timeout=300,
+        dimensions=(24, 200),
+    )
+    try:
+        child.expect_exact("you> ")
+        assert "64-token context" in child.before
+
+        def say(line):
+            child.sendline(line)
+            child.expect_exact("bot> ")
+            child.expect_exact("you> ")
+            return child.before.replace("\r\n", "\n").removesuffix("\n")
+
+        first = {"role": "user", "content": "print hello"}
+        answer = say("print hello")
+        expected = reply_text(bot, [first])
+        assert answer == expected and expected.strip()
+        # the history goes into the next prompt
+        second = {"role": "user", "content": "again"}
+        history = [first, {"role": "assistant", "content": expected}, second]
+        assert say("again") == reply_text(bot, history, Settings(12, 0.0, seed=1))
+
+        child.sendline("/system You write Python.")
+        child.expect_exact("you> ")
+        child.sendline("/reset")
+        child.expect_exact("you> ")
+        with_system = [{"role": "system", "content": "You write Python."}, first]
+        assert say("print hello") == reply_text(bot, with_system, Settings(12, 0.0, seed=2))
+
+        child.sendeof()  # Ctrl-D
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and child.signalstatus is None
