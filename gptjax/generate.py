@@ -133,8 +133,16 @@ def _prefill(params, tokens_BP, lengths_B, max_new_B, *, graphdef):
     column = jnp.arange(P)[None]
     segments = (column >= start).astype(jnp.int32)
     positions = jnp.maximum(column - start, 0)
-    cache = _constrain_cache(model.init_cache(gpt.cfg, B, gpt.cfg.seq_len))
-    logits, cache = gpt.extend(tokens_BP, positions, cache, segments)
+    # prefill into P slots (attention over the prompt only), then grow the cache to seq_len
+    cache = _constrain_cache(model.init_cache(gpt.cfg, B, P))
+    logits, cache = gpt.extend(tokens_BP, positions, cache, segments, last_only=True)
+    grow = gpt.cfg.seq_len - P
+    cache = {
+        "k": jnp.pad(cache["k"], ((0, 0), (0, 0), (0, 0), (0, grow), (0, 0))),
+        "v": jnp.pad(cache["v"], ((0, 0), (0, 0), (0, 0), (0, grow), (0, 0))),
+        "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, grow))),
+        "index": cache["index"],
+    }
     state = {
         "logits": logits[:, -1],  # next-token logits [B, V]
         "length": lengths_B,  # tokens of each row so far, prompt included
@@ -152,8 +160,8 @@ def _shift_out_padding(cache, length_B, running_B):
     shift = jnp.min(jnp.where(running_B, first, S))
     shift = jnp.where(jnp.any(running_B), shift, 0)
     rolled = {
-        "k": jnp.roll(cache["k"], -shift, axis=2),
-        "v": jnp.roll(cache["v"], -shift, axis=2),
+        "k": jnp.roll(cache["k"], -shift, axis=3),
+        "v": jnp.roll(cache["v"], -shift, axis=3),
         "segment_ids": jnp.roll(cache["segment_ids"], -shift, axis=1),
         "index": cache["index"] - shift,
     }

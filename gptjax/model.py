@@ -115,15 +115,16 @@ def attention_impl(setting: str, dtype) -> str:
 
 # --- the KV cache -------------------------------------------------------------------------------
 # A static cache of S slots per row, filled left to right by `GPT.extend`:
-#   k, v         [L, B, S, N, H]  keys and values of every layer (compute dtype)
+#   k, v         [L, B, N, S, H]  keys and values of every layer (compute dtype); heads before
+#                                 slots, so one new token's attention reads them in place
 #   segment_ids  [B, S]           the segment of the token in each slot (0: padding or empty)
 #   index        []               the next slot to write (the same for every row)
 # A query attends to the slots at or before its own whose segment equals its own, so rows of
 # different lengths share one cache when their prompts are left-padded with segment 0.
 
 CACHE_AXES = {
-    "k": ("layers", "batch", "seq", "heads", "head_dim"),
-    "v": ("layers", "batch", "seq", "heads", "head_dim"),
+    "k": ("layers", "batch", "heads", "seq", "head_dim"),
+    "v": ("layers", "batch", "heads", "seq", "head_dim"),
     "segment_ids": ("batch", "seq"),
     "index": (),
 }
@@ -132,7 +133,7 @@ CACHE_AXES = {
 def init_cache(cfg: ModelConfig, batch: int, slots: int | None = None) -> dict[str, jax.Array]:
     """An empty cache of `slots` (default seq_len) positions for `batch` rows."""
     S = slots or cfg.seq_len
-    shape = (cfg.n_layer, batch, S, cfg.n_head, cfg.head_dim)
+    shape = (cfg.n_layer, batch, cfg.n_head, S, cfg.head_dim)
     return {
         "k": jnp.zeros(shape, cfg.dtype),
         "v": jnp.zeros(shape, cfg.dtype),
@@ -160,25 +161,29 @@ class Context(NamedTuple):
 
 
 def attention(p, h_BTD, cfg: ModelConfig, where: Context, kv=None):
-    """Multi-head causal self-attention. `kv` = (k, v) [B, S, N, H] of this layer's cache or
-    None; returns (output [B, T, D], the updated (k, v) or None)."""
+    """Multi-head causal self-attention. `kv` = (k, v, layer): the whole cache's keys and
+    values [L, B, N, S, H] and this layer's index, or None; returns (output [B, T, D], the
+    updated (k, v, layer) or None). The new keys and values are written in place (one slice of
+    the whole cache), so a decode step moves no more of the cache than attention reads."""
     dt = jnp.dtype(cfg.dtype)
     qkv = jnp.einsum("btd,dcnh->btcnh", h_BTD, p["qkv_w"]) + p["qkv_b"]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
     if kv is not None:  # write the new keys and values at slots index..index+T-1
-        at = (0, where.index, 0, 0)
-        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
-        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
-        k = constrain(k, ("batch", "seq", "heads", "head_dim"))
-        v = constrain(v, ("batch", "seq", "heads", "head_dim"))
-        kv = (k, v)
-        T, S = q.shape[1], k.shape[1]
+        k_all, v_all, layer = kv
+        at = (layer, 0, 0, where.index, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.swapaxes(1, 2)[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.swapaxes(1, 2)[None].astype(v_all.dtype), at)
+        k_all = constrain(k_all, CACHE_AXES["k"])
+        v_all = constrain(v_all, CACHE_AXES["v"])
+        kv = (k_all, v_all, layer)
+        k = constrain(k_all[layer], CACHE_AXES["k"][1:])
+        v = constrain(v_all[layer], CACHE_AXES["v"][1:])
+        T, S = q.shape[1], k.shape[2]
         q_slot = where.index + jnp.arange(T)
         mask = q_slot[:, None] >= jnp.arange(S)[None, :]  # causal, by slot
         same = where.segment_ids[:, :, None] == where.cache_segments[:, None, :]
-        mask = (mask[None] & same)[:, None]  # [B, 1, T, S]
-        a = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        a = _cached_attention(q, k, v, mask[None] & same)
     elif where.segment_ids is not None:  # packed documents never see each other
         T = q.shape[1]
         causal = jnp.tril(jnp.ones((T, T), bool))
@@ -190,6 +195,18 @@ def attention(p, h_BTD, cfg: ModelConfig, where: Context, kv=None):
             q, k, v, is_causal=True, implementation=attention_impl(cfg.attention, dt)
         )
     return jnp.einsum("btnh,nhd->btd", a, p["out_w"]) + p["out_b"], kv
+
+
+def _cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS):
+    """Attention of T new tokens over the cache's S slots. Written as two einsums on the
+    cache's [B, N, S, H] layout: for one new token each is a matrix-vector product per (row,
+    head) that reads the cache once, in place (5x faster on a CPU than transposing the cache
+    for `dot_product_attention`). Scores and softmax in f32."""
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    scores = jnp.einsum("btnh,bnsh->bnts", q_BTNH, k_BNSH, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BTS[:, None], scores * scale, -1e30)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v_BNSH.dtype)
+    return jnp.einsum("bnts,bnsh->btnh", weights, v_BNSH)
 
 
 def mlp(p, h_BTD, cfg: ModelConfig):
@@ -251,7 +268,10 @@ class GPT(nnx.Module):
         return constrain(x.astype(cfg.dtype), ("batch", "seq", "embed"))
 
     def _layers(self, x, where: Context, cache=None, key=None):
-        """Run every block (scanned or unrolled); returns (x, the stacked updated (k, v))."""
+        """Run every block (scanned or unrolled); returns (x, the updated cache's (k, v)).
+
+        The cache travels with the activations (the loop's carry) and each layer writes its
+        new keys and values into it in place."""
         cfg = self.cfg
         keys = None
         if key is not None and cfg.dropout > 0:
@@ -261,22 +281,22 @@ class GPT(nnx.Module):
         stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
         kv = None if cache is None else (cache["k"], cache["v"])
 
-        def body(x, layer):
-            p, layer_kv, layer_key = layer
-            return block(p, x, cfg, where, layer_kv, layer_key)
+        def body(carry, layer):
+            x, kv = carry
+            p, layer_key, index = layer
+            x, kv = block(p, x, cfg, where, None if kv is None else (*kv, index), layer_key)
+            return (x, None if kv is None else kv[:2]), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
         if cfg.scan_layers:
-            return jax.lax.scan(body, x, (stacked, kv, keys))
-        new = []
+            layers = jnp.arange(cfg.n_layer)
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, keys, layers))
+            return x, kv
         for i in range(cfg.n_layer):
             pick = lambda tree, i=i: None if tree is None else jax.tree.map(lambda a: a[i], tree)
-            x, layer_kv = body(x, (pick(stacked), pick(kv), pick(keys)))
-            new.append(layer_kv)
-        if kv is None:
-            return x, None
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *new)
+            (x, kv), _ = body((x, kv), (pick(stacked), pick(keys), i))
+        return x, kv
 
     def hidden(self, tokens_BT, key=None, *, positions_BT=None, segment_ids_BT=None) -> jax.Array:
         """Final-layer-normed hidden states [B, T, D] in the compute dtype (training, eval).
@@ -288,10 +308,11 @@ class GPT(nnx.Module):
         x, _ = self._layers(x, Context(positions_BT, segment_ids_BT), key=key)
         return layer_norm(x, self.ln_f_scale[...], self.ln_f_bias[...], cfg.dtype)
 
-    def extend(self, tokens_BT, positions_BT, cache, segment_ids_BT=None):
+    def extend(self, tokens_BT, positions_BT, cache, segment_ids_BT=None, *, last_only=False):
         """Append T tokens to the KV cache (prefill: the prompt; decode: T=1) and return
         (logits [B, T, V] f32, the updated cache). `segment_ids_BT` defaults to 1 (0 marks
-        left padding that nothing attends to)."""
+        left padding that nothing attends to). `last_only`: logits of the last token only
+        ([B, 1, V]; a prefill needs no more, and the head is most of its work)."""
         cfg = self.cfg
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
@@ -300,6 +321,8 @@ class GPT(nnx.Module):
         where = Context(positions_BT, segment_ids_BT, index, segments)
         x = self._embed(tokens_BT, positions_BT)
         x, (k, v) = self._layers(x, where, cache)
+        if last_only:
+            x = x[:, -1:]
         h = layer_norm(x, self.ln_f_scale[...], self.ln_f_bias[...], cfg.dtype)
         new_cache = {"k": k, "v": v, "segment_ids": segments, "index": index + tokens_BT.shape[1]}
         return self.logits(h), new_cache

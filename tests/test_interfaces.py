@@ -81,10 +81,11 @@ def test_each_packed_document_computes_as_if_alone(mesh):
         np.testing.assert_allclose(packed[row], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_prefill_and_decode_equal_full_recompute():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_prefill_and_decode_equal_full_recompute(scan_layers):
     """extend(): a left-padded prompt prefilled at once, then tokens one at a time, gives the
-    logits of running each row's real tokens from scratch."""
-    cfg = small_cfg(vocab_size=128)
+    logits of running each row's real tokens from scratch (layers scanned or unrolled)."""
+    cfg = small_cfg(vocab_size=128, scan_layers=scan_layers)
     params = random_params(cfg, seed=3)
     gpt = nnx.merge(model.abstract(cfg)[0], params)
     rng = np.random.default_rng(1)

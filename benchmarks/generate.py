@@ -1,0 +1,162 @@
+"""Generation speed: the KV cache (gptjax/generate.py) vs full recomputation, side by side.
+
+Full recomputation is what `gptjax sample` did before the cache: for every new token one forward
+over the fixed [B, seq_len] window (one compile), argmax at the last real position. Its cost
+per token does not depend on how many tokens came before, so it is timed over
+`--recompute-tokens` tokens per round; the cache generates all `--new` tokens. Rounds interleave
+the contenders (a busy machine slows them alike); medians over rounds are reported. Random
+weights, greedy decoding, no end-of-document stop: every row makes exactly `--new` tokens.
+
+    python benchmarks/generate.py configs/quickstart.yaml model.seq_len=1024 \\
+        --prompt 256 --new 512 --batches 1,8 --rounds 3
+    python benchmarks/generate.py configs/quickstart.yaml model.seq_len=1024 --chunks 1,4,16,64 \\
+        --batches 1 --no-recompute            # streaming granularity: tokens per device call
+
+Prints a JSON line per measurement to stderr and a Markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gptjax import config, generate, model, steps  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def cached(gen: generate.Generator, prompts, new: int) -> dict:
+    """Time to first token and wall time for `new` tokens per row with the KV cache."""
+    start = time.perf_counter()
+    first, made = None, 0
+    for tokens, emitted, _ in gen.stream(prompts, new, generate.Sampling(0.0)):
+        made += int(emitted.sum())
+        if first is None and made:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    assert made == new * len(prompts), made
+    return {"ttft_s": first, "total_s": total, "tokens_per_s": made / total}
+
+
+def make_recompute(setup: steps.Setup):
+    graphdef = setup.graphdef
+
+    @jax.jit
+    def next_tokens(params, window_BT, last_B):
+        logits = nnx.merge(graphdef, params)(window_BT)
+        at = jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
+        return jnp.argmax(at, axis=-1)
+
+    return next_tokens
+
+
+def recompute(next_tokens, params, prompts, tokens: int, seq_len: int) -> dict:
+    """Per-token time of full recomputation over the [B, seq_len] window, blocking per token."""
+    B = len(prompts)
+    window = np.zeros((B, seq_len), np.int32)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    for row, prompt in enumerate(prompts):
+        window[row, : len(prompt)] = prompt
+    times = []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        out = np.asarray(next_tokens(params, window, lengths - 1))
+        times.append(time.perf_counter() - start)
+        window[np.arange(B), lengths] = out
+        lengths += 1
+    step = statistics.median(times)
+    return {"ttft_s": times[0], "step_s": step, "tokens_per_s": B / step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
+    parser.add_argument("--new", type=int, default=512, help="new tokens per row")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--chunks", default="16", help="tokens per device call (cache)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--recompute-tokens", type=int, default=8)
+    parser.add_argument("--no-recompute", action="store_true")
+    args = parser.parse_args()
+
+    cfg = config.load(args.config, args.overrides)
+    setup = steps.build(cfg, jax.devices()[:1])
+    params = jax.jit(model.init_params, static_argnums=(0, 1))(cfg.model, 0)
+    rng = np.random.default_rng(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    chunks = [int(c) for c in args.chunks.split(",")]
+    prompts = {b: rng.integers(2, cfg.model.vocab, (b, args.prompt)).tolist() for b in batches}
+    next_tokens = make_recompute(setup)
+    load = [os.getloadavg()[0]]
+
+    # compile everything once before timing
+    for b in batches:
+        for c in chunks:
+            cached(generate.Generator(setup, params, c), prompts[b], 2)
+        if not args.no_recompute:
+            recompute(next_tokens, params, prompts[b], 1, cfg.model.seq_len)
+
+    results: dict[tuple, list[dict]] = {}
+    for r in range(args.rounds):
+        for b in batches:
+            for c in chunks:
+                got = cached(generate.Generator(setup, params, c), prompts[b], args.new)
+                results.setdefault(("cache", b, c), []).append(got)
+                print(json.dumps({"round": r, "mode": "cache", "batch": b, "chunk": c, **got}),
+                      file=sys.stderr, flush=True)  # fmt: skip
+            if not args.no_recompute:
+                got = recompute(
+                    next_tokens, params, prompts[b], args.recompute_tokens, cfg.model.seq_len
+                )
+                results.setdefault(("recompute", b, 0), []).append(got)
+                print(json.dumps({"round": r, "mode": "recompute", "batch": b, **got}),
+                      file=sys.stderr, flush=True)  # fmt: skip
+        load.append(os.getloadavg()[0])
+
+    med = lambda key, field: statistics.median(x[field] for x in results[key])
+    m = cfg.model
+    print(
+        f"{cpu_name()}, {os.cpu_count()} cores, load average {min(load):.1f}-{max(load):.1f}; "
+        f"{m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}, seq_len {m.seq_len}, "
+        f"{m.dtype}; prompt {args.prompt}, {args.new} new tokens, greedy; "
+        f"median of {args.rounds} rounds\n"
+    )
+    print("| batch | method | tokens/s | time to first token | speed-up |")
+    print("|---|---|---|---|---|")
+    for b in batches:
+        base = None if args.no_recompute else med(("recompute", b, 0), "tokens_per_s")
+        for c in chunks:
+            speed = med(("cache", b, c), "tokens_per_s")
+            ratio = f"{speed / base:.0f}×" if base else "—"
+            print(f"| {b} | KV cache, {c} tokens per call | {speed:,.0f} | "
+                  f"{med(('cache', b, c), 'ttft_s') * 1e3:,.0f} ms | {ratio} |")  # fmt: skip
+        if base:
+            print(f"| {b} | full recompute | {base:,.1f} | "
+                  f"{med(('recompute', b, 0), 'ttft_s') * 1e3:,.0f} ms | 1× |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
