@@ -21,6 +21,7 @@ from gptjax import metrics, model, runs
 from gptjax import steps as step_library
 from gptjax.config import Config
 from gptjax.data import batch as batch_module
+from gptjax.data.pipeline import cache_root
 
 FLOPS_FORMULA = metrics.FLOPS_FORMULA
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
@@ -131,7 +132,7 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
     step_s = statistics.median(times)
     tokens_per_s = B * T / step_s
     flops_token = metrics.flops_per_token(cfg.model)
-    peak, peak_source = metrics.peak_flops(devices)
+    peak, peak_source = metrics.peak_flops(devices, cache_root(cfg.data))
     memory = compiled.memory_analysis()
     estimate = None
     if memory is not None:

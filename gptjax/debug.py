@@ -6,7 +6,9 @@ device with mesh 1×1×1 and:
   traced back to the operation that produced it (the step is re-run eagerly) and the step named;
 - jax_log_compiles: every compilation is logged;
 - a parameter table (path, shape, dtype, sharding, size) at start;
-- per step: milliseconds waiting for data, on the device, and on the host (the rest);
+- per step: its wall time split into waiting for data, the step on the device, evaluation,
+  checkpoint saves and the rest on the host (the parts add up to the wall time); at the end the
+  totals, and the run's wall time split into before the first step, the steps, and after;
 - `debug.no_jit=true`: jax.disable_jit, so `breakpoint()` inside the model stops with concrete
   arrays.
 
@@ -33,6 +35,14 @@ _WATCHDOG: contextvars.ContextVar[distributed.Watchdog | None] = contextvars.Con
     "gptjax_watchdog", default=None
 )
 
+
+# (start, [loop start, loop end]) of the debug session in progress: the monitor fills the list.
+_CLOCK: contextvars.ContextVar[tuple[float, list[float]] | None] = contextvars.ContextVar(
+    "gptjax_clock", default=None
+)
+
+# The parts of a step's wall time; "host" is the rest (logging, the NaN check's copy, Python).
+PARTS = ("data", "device", "eval", "checkpoint", "host")
 
 _COMPILE_LOGGERS = ("jax._src.interpreters.pxla", "jax._src.dispatch")
 
@@ -82,6 +92,8 @@ def session(cfg: Config) -> Iterator[None]:
 
     watchdog = distributed.Watchdog(cfg.train.step_timeout)
     token = _WATCHDOG.set(watchdog)
+    loop: list[float] = []
+    clock = _CLOCK.set((time.perf_counter(), loop) if cfg.debug.enabled else None)
     try:
         with contextlib.ExitStack() as stack:
             if cfg.debug.enabled:
@@ -97,6 +109,17 @@ def session(cfg: Config) -> Iterator[None]:
     finally:
         watchdog.close()
         _WATCHDOG.reset(token)
+        start = _CLOCK.get()
+        _CLOCK.reset(clock)
+        if start is not None and len(loop) == 2:
+            now, (first, last) = time.perf_counter(), loop
+            print(
+                f"debug: wall {now - start[0]:.3f} s = before the first step {first - start[0]:.3f}"
+                f" s (data, restore, initialisation) + steps {last - first:.3f} s + after the "
+                f"last step {now - last:.3f} s (the last checkpoint's write)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def param_table(abstract_params: Any) -> str:
@@ -140,7 +163,12 @@ def _where(error: BaseException) -> str:
 class StepMonitor:
     """Per-step hooks for the training loop: watchdog progress, and in debug mode timings,
     finiteness checks and NaN localisation. Call `begin(step)` (0-based loop index) at the top
-    of each iteration and run the step and eval functions through `wrap`."""
+    of each iteration, run the step and eval functions through `wrap`, and evaluation and
+    checkpoint saves inside `phase("eval")` / `phase("checkpoint")`.
+
+    A step's wall time runs from its `begin` to the next one (or `close`): data is `begin` to
+    the step's call (reading the batch), device the step itself (blocked on), eval and
+    checkpoint their phases, and host the rest, so the parts add up to the wall time."""
 
     def __init__(self, cfg: Config, setup: Any = None, lead: bool = True):
         self.debug = cfg.debug.enabled
@@ -149,8 +177,11 @@ class StepMonitor:
         self.watchdog = _WATCHDOG.get() or distributed.Watchdog(0)
         self.index = 0
         self.seen: set[int] = set()  # functions already called once (compiled)
-        self.times: list[tuple[float, float, float]] = []  # (data, device, host) seconds
-        self._begin = self._call = self._return = None
+        self.times: list[dict[str, float]] = []  # per finished step: PARTS and "wall", seconds
+        self.done_at: dict[int, float] = {}  # debug mode: step -> when it completed (perf_counter)
+        self._open: dict[str, float] | None = None  # the step in progress: its parts so far
+        self._begin = 0.0
+        self._clock = _CLOCK.get()
         if self.debug and lead and setup is not None:
             device = setup.mesh.devices.flat[0]
             self._say(f"debug: one device ({device}), mesh data=1 fsdp=1 tensor=1")
@@ -165,19 +196,34 @@ class StepMonitor:
         now = time.perf_counter()
         self._finish_timing(now)
         self.index, self._begin = index, now
+        if self.debug:
+            self._open = dict.fromkeys(PARTS[:-1], 0.0)
+            if self._clock is not None and not self._clock[1]:
+                self._clock[1].append(now)  # the loop starts
         self.watchdog.pet(f"the batch of step {index + 1}")
 
+    @contextlib.contextmanager
+    def phase(self, part: str) -> Iterator[None]:
+        """Time the block as `part` ("eval" or "checkpoint") of the step in progress."""
+        if self._open is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._open[part] += time.perf_counter() - start
+
     def _finish_timing(self, now: float) -> None:
-        if self.debug and self._return is not None and self._call is not None:
-            data, device = self._call - self._begin, self._return - self._call
-            host = now - self._return
-            self.times.append((data, device, host))
-            note = " (includes compilation)" if len(self.times) == 1 else ""
-            self._say(
-                f"debug: step {self.index + 1}: data {data * 1e3:.1f} ms | device "
-                f"{device * 1e3:.1f} ms | host {host * 1e3:.1f} ms{note}"
-            )
-        self._call = self._return = None
+        if self._open is None:
+            return
+        parts, self._open = self._open, None
+        wall = now - self._begin
+        parts["host"] = wall - sum(parts.values())
+        self.times.append({**parts, "wall": wall})
+        note = " (includes compilation)" if len(self.times) == 1 else ""
+        split = " + ".join(f"{name} {parts[name] * 1e3:.1f}" for name in PARTS)
+        self._say(f"debug: step {self.index + 1}: wall {wall * 1e3:.1f} ms = {split} ms{note}")
 
     def wrap(self, fn: Callable, kind: str = "train") -> Callable:
         """`fn(state_or_params, batch)` with the monitor around it; kind: train | eval."""
@@ -207,16 +253,20 @@ class StepMonitor:
         import jax.numpy as jnp
 
         step = self.index + 1
-        entered = time.perf_counter()
+        called = time.perf_counter()
+        if self._open is not None:
+            self._open["data"] += called - self._begin  # the batch was read since `begin`
         spare = jax.tree.map(jnp.copy, (state, batch)) if self.check else None  # state is donated
-        jax.block_until_ready(spare)
-        self._begin += time.perf_counter() - entered  # the copy is neither data nor step time
-        self._call = time.perf_counter()
+        jax.block_until_ready(spare)  # the copy is host time: neither data nor the step
+        start = time.perf_counter()
         try:
             new_state, stats = jax.block_until_ready(fn(state, batch))
         except FloatingPointError as error:
             raise self._locate(fn, spare, step, error) from error
-        self._return = time.perf_counter()
+        finally:
+            self.done_at[step] = end = time.perf_counter()
+            if self._open is not None:
+                self._open["device"] += end - start
         self.watchdog.pet(f"the host work after step {step}")
         if self.check:
             bad = {k: float(v) for k, v in stats.items() if not math.isfinite(float(v))}
@@ -238,13 +288,27 @@ class StepMonitor:
         return NonFiniteError(f"step {step}: {error}{_where(error)}")
 
     def close(self) -> None:
-        """End of training: the last step's timing and a median summary (debug mode)."""
+        """End of training: the last step's timing, the totals and the mean of the steps after
+        the first (debug mode); means add up, as the parts of each step do."""
         self.watchdog.pause()  # the final checkpoint wait is not a step
-        self._finish_timing(time.perf_counter())
+        now = time.perf_counter()
+        self._finish_timing(now)
+        if self._clock is not None and len(self._clock[1]) == 1:
+            self._clock[1].append(now)  # the loop ends
+        if not (self.debug and self.times):
+            return
+        keys = (*PARTS, "wall")
+        total = {k: sum(t[k] for t in self.times) for k in keys}
+        split = " + ".join(f"{name} {total[name]:.3f}" for name in PARTS)
+        self._say(
+            f"debug: {len(self.times)} steps: wall {total['wall']:.3f} s = {split} s "
+            f"(step 1, with compilation: {self.times[0]['wall']:.3f} s)"
+        )
         steady = self.times[1:]
-        if self.debug and steady:
-            median = [sorted(t[i] for t in steady)[len(steady) // 2] * 1e3 for i in range(3)]
+        if steady:
+            mean = {k: sum(t[k] for t in steady) / len(steady) * 1e3 for k in keys}
+            split = " + ".join(f"{name} {mean[name]:.1f}" for name in PARTS)
             self._say(
-                f"debug: median over {len(steady)} steps after the first: data {median[0]:.1f} "
-                f"ms | device {median[1]:.1f} ms | host {median[2]:.1f} ms"
+                f"debug: mean of the {len(steady)} steps after the first: wall "
+                f"{mean['wall']:.1f} ms = {split} ms"
             )

@@ -17,6 +17,7 @@ from gptjax import checkpoint, debug, distributed, metrics, runlock, runs, steps
 from gptjax.config import Config
 from gptjax.data import loader as data_loader
 from gptjax.data import tokenizer as tok
+from gptjax.data.pipeline import cache_root
 from gptjax.faults import NonFiniteSteps, PreemptionGuard
 
 
@@ -93,11 +94,12 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -
         metrics.MetricsWriter(run_dir, enabled=lead),
         tokens_per_step=B * cfg.model.seq_len,
         flops_per_token=metrics.flops_per_token(cfg.model),
-        peak_flops=metrics.peak_flops(list(setup.mesh.devices.flat))[0],
+        peak_flops=metrics.peak_flops(list(setup.mesh.devices.flat), cache_root(cfg.data))[0],
         log_every=cfg.train.log_every,
         total_steps=cfg.train.steps,
         start_step=start,
         progress=progress and lead,
+        completed=monitor.done_at,  # debug mode runs steps synchronously: their real end times
     )
     bad_steps = NonFiniteSteps(cfg.train.max_bad_steps)
 
@@ -140,15 +142,18 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -
             if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last:
                 report(*pending)
                 pending = None
-                log.eval(
-                    done,
-                    steps.evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps),
-                )
+                with monitor.phase("eval"):
+                    result = steps.evaluate(
+                        setup, eval_step, state["params"], data, cfg.train.eval_steps
+                    )
+                log.eval(done, result)
             stop = guard.should_stop(done) or done == cfg.train.stop_at
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
-                ckpt.save(done, state, cfg.to_dict())
+                with monitor.phase("checkpoint"):
+                    ckpt.save(done, state, cfg.to_dict())
             if stop:
-                ckpt.wait()
+                with monitor.phase("checkpoint"):
+                    ckpt.wait()
                 log.say(
                     f"gptjax: stopped at step {done}; checkpoint saved, run the same command "
                     "to resume"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import ROOT, run_cli
 
@@ -84,7 +85,10 @@ def test_mfu_arithmetic():
 
 
 def test_bench_prints_every_field(cache_dir):
-    result = run_cli("bench", str(ROOT / "configs" / "debug.yaml"), "--steps", "3", "--warmup", "1")
+    debug_yaml = str(ROOT / "configs" / "debug.yaml")
+    result = run_cli(
+        "bench", debug_yaml, f"data.cache_dir={cache_dir}", "--steps", "3", "--warmup", "1"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -101,7 +105,7 @@ def test_bench_prints_every_field(cache_dir):
     assert report["mfu"] == pytest.approx(
         report["tokens_per_s"] * report["flops_per_token"] / report["peak_flops"]
     )
-    assert report["peak_flops_source"] == "measured f32 matmul"
+    assert report["peak_flops_source"].startswith(f"measured f32 matmul, cached in {cache_dir}")
     assert report["peak_memory_bytes_per_device"] is None  # CPU: says so, gives RSS instead
     assert "host_peak_rss_bytes" in report["peak_memory_source"]
     assert report["time_to_first_step_s"] >= report["compile_s"] > 0
@@ -160,3 +164,35 @@ def test_bench_on_real_batches(tmp_path, cache_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["data"] == "real"
     assert 0 < report["loss"] < 2 * math.log(512)
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
+    """The CPU peak behind MFU is measured once per machine (CPU model, cores, CPU devices) and
+    read back afterwards, so a busy moment cannot move it; a damaged file is measured again."""
+    measured = iter([300e9, 100e9, 250e9, 200e9])  # what a loaded machine might measure
+    monkeypatch.setattr(metrics, "measure_cpu_peak", lambda: next(measured))
+    metrics.cpu_peak.cache_clear()
+    devices = jax.devices()
+    assert metrics.peak_flops(devices, tmp_path)[0] == 300e9
+    metrics.cpu_peak.cache_clear()  # a new process
+    flops, source = metrics.peak_flops(devices, tmp_path)
+    assert flops == 300e9  # the cached number, not the busy 100e9
+    (path,) = (tmp_path / "cpu_peak").iterdir()
+    assert source == f"measured f32 matmul, cached in {path}"
+    record = json.loads(path.read_text())
+    assert record["flops"] == 300e9 and record["machine"] == metrics.cpu_machine()
+    assert record["machine"]["devices"] == 8  # conftest's fake devices are part of the key
+
+    other = {**metrics.cpu_machine(), "devices": 4}  # another device split of the cores
+    monkeypatch.setattr(metrics, "cpu_machine", lambda: other)
+    metrics.cpu_peak.cache_clear()
+    assert metrics.peak_flops(devices, tmp_path)[0] == 100e9
+    assert len(list((tmp_path / "cpu_peak").iterdir())) == 2
+
+    (split4,) = (p for p in (tmp_path / "cpu_peak").iterdir() if p.name.endswith("-4d.json"))
+    negative = json.dumps({"machine": other, "flops": -1})
+    for damaged, again in (("{not json", 250e9), (negative, 200e9)):
+        split4.write_text(damaged)
+        metrics.cpu_peak.cache_clear()
+        assert metrics.peak_flops(devices, tmp_path)[0] == again
+    metrics.cpu_peak.cache_clear()

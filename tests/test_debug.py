@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,9 @@ import yaml
 from conftest import tiny_config
 from flax import nnx
 
-from gptjax import cli, debug, metrics, model, train
+from gptjax import checkpoint, cli, debug, metrics, model, steps, train
 from gptjax.config import ConfigError
+from gptjax.data import loader as data_loader
 from gptjax.data import pipeline
 
 DEBUG = ["debug.enabled=true", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0"]
@@ -119,11 +121,92 @@ def test_compilations_and_step_times_are_reported(nan_run):
     _, _, _, output = nan_run
     assert "Compiling jit(step_fn)" in output
     for step in range(1, NAN_STEP):
-        assert f"debug: step {step}: data " in output
+        assert f"debug: step {step}: wall " in output
     assert "(includes compilation)" in output.split("debug: step 1:")[1].splitlines()[0]
-    timing = output.split("debug: step 2:")[1].splitlines()[0]
-    data_ms, device_ms, host_ms = (float(x) for x in re.findall(r"([\d.]+) ms", timing))
-    assert device_ms > 0 and data_ms >= 0 and host_ms >= 0
+    parts = step_times(output)[2]
+    assert parts["device"] > 0 and parts["data"] >= 0 and parts["host"] >= 0
+
+
+def step_times(output: str) -> dict[int, dict[str, float]]:
+    """step -> {"wall", "data", "device", "eval", "checkpoint", "host"} in ms, from the
+    `debug: step N: wall W ms = data a + device b + ... ms` lines."""
+    found = {}
+    for step, wall, split in re.findall(r"debug: step (\d+): wall ([\d.]+) ms = (.*) ms", output):
+        parts = {name: float(value) for name, value in re.findall(r"(\w+) (-?[\d.]+)", split)}
+        found[int(step)] = {"wall": float(wall), **parts}
+    return found
+
+
+def test_step_times_add_up_to_the_wall_time(tmp_path, cache_dir, monkeypatch):
+    """Known delays land in their part of the step's split; each step's parts add up to its
+    wall time, and the run's account (before the steps + steps + after) to the time an outer
+    timer measures around train.train."""
+    delay = {"data": 0.03, "device": 0.05, "eval": 0.1, "checkpoint": 0.07, "host": 0.02}  # s
+
+    def slow(original, part="device"):
+        def slowed(*args, **kwargs):
+            time.sleep(delay[part])
+            return original(*args, **kwargs)
+
+        return slowed
+
+    def slowed(owner, name, part):
+        monkeypatch.setattr(owner, name, slow(getattr(owner, name), part))
+
+    slowed(data_loader.Prefetcher, "get", "data")  # the loop waits for the batch
+    make_train_step = steps.make_train_step
+    monkeypatch.setattr(steps, "make_train_step", lambda setup: slow(make_train_step(setup)))
+    slowed(steps, "evaluate", "eval")
+    slowed(checkpoint.Checkpointer, "save", "checkpoint")
+    slowed(metrics.StepLogger, "dispatched", "host")  # the progress bar, once per step
+    overrides = ["train.steps=6", "train.eval_every=3", "train.eval_steps=1", "checkpoint.every=2"]
+    cfg = tiny_config(tmp_path, cache_dir, *DEBUG, *overrides)
+    start = time.perf_counter()
+    _, output = run_captured(cfg)
+    outer = time.perf_counter() - start
+
+    times = step_times(output)
+    assert sorted(times) == [1, 2, 3, 4, 5, 6]
+    for step, t in times.items():
+        # printed to 0.1 ms: six roundings of up to 0.05 ms
+        assert sum(t[p] for p in debug.PARTS) == pytest.approx(t["wall"], abs=0.3), step
+        assert t["data"] >= 1e3 * delay["data"], step
+        assert t["device"] >= 1e3 * delay["device"], step
+        assert (t["eval"] >= 1e3 * delay["eval"]) if step % 3 == 0 else t["eval"] == 0, step
+        saved = t["checkpoint"] >= 1e3 * delay["checkpoint"]
+        assert saved if step % 2 == 0 else t["checkpoint"] == 0, step
+        assert t["host"] >= 1e3 * delay["host"], step
+    # The totals are the sums of the steps (to the printed precision).
+    total = re.search(r"debug: 6 steps: wall ([\d.]+) s = (.*) s \(step 1", output)
+    totals = dict((n, float(v)) for n, v in re.findall(r"(\w+) (-?[\d.]+)", total[2]))
+    for part in debug.PARTS:
+        assert totals[part] == pytest.approx(sum(t[part] for t in times.values()) / 1e3, abs=2e-3)
+    loop = float(total[1])
+    assert loop == pytest.approx(sum(t["wall"] for t in times.values()) / 1e3, abs=2e-3)
+    # The run's account covers what the outer timer saw, but for the few calls train.train
+    # makes before its debug session starts (config checks) and the print itself.
+    run = re.search(
+        r"debug: wall ([\d.]+) s = before the first step ([\d.]+) s .* \+ steps "
+        r"([\d.]+) s \+ after the last step ([\d.]+) s",
+        output,
+    )
+    wall, before, in_steps, after = (float(x) for x in run.groups())
+    assert before + in_steps + after == pytest.approx(wall, abs=2e-3)
+    assert in_steps == pytest.approx(loop, abs=2e-3)
+    assert wall <= outer + 1e-3 and outer - wall < 0.25 + 0.05 * outer
+
+    # Throughput counts the steps that completed inside each window: no step takes less than
+    # the device delay, so no window can exceed one step's tokens per delay (a window that
+    # counted a step run before it began, as debug mode's late reading once did, would).
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [line for line in lines if "tokens_per_s" in line]
+    assert [line["step"] for line in rates] == [2, 3, 4, 5, 6]  # step 1 compiled: no window
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    peak = metrics.peak_flops(jax.devices()[:1], cache_dir)[0]  # as train.train found it
+    for line in rates:
+        assert line["tokens_per_s"] <= tokens / delay["device"], line
+        flops = line["tokens_per_s"] * metrics.flops_per_token(cfg.model)
+        assert line["mfu"] == pytest.approx(flops / peak, rel=1e-6)
 
 
 def concrete(x) -> bool:
