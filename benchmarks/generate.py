@@ -41,7 +41,8 @@ from gptjax import config, generate, model, steps  # noqa: E402
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line)
+        lines = out.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if "Model name" in line)
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
 
@@ -50,7 +51,7 @@ def cached(gen: generate.Generator, prompts, new: int) -> dict:
     """Time to first token and wall time for `new` tokens per row with the KV cache."""
     start = time.perf_counter()
     first, made = None, 0
-    for tokens, emitted, _ in gen.stream(prompts, new, generate.Sampling(0.0)):
+    for _, emitted, _ in gen.stream(prompts, new, generate.Sampling(0.0)):
         made += int(emitted.sum())
         if first is None and made:
             first = time.perf_counter() - start
