@@ -39,7 +39,7 @@ import numpy as np
 
 from gptjax.config import DataConfig
 from gptjax.data import batch as batch_module
-from gptjax.data import chat
+from gptjax.data import chat, sharing
 from gptjax.data import documents as docs_module
 from gptjax.data import tokenizer as tok
 from gptjax.data.corpus import DataError
@@ -336,8 +336,11 @@ def load_dataset(
     max_vocab: int | None = None,
     progress: bool = False,
 ) -> Dataset:
-    """Prepare (or reuse) the packed windows and open them for random access."""
-    directory = prepare(cfg, seq_len, tokenizer_path, max_vocab, progress)
+    """Prepare (or reuse) the packed windows and open them for random access. With several
+    processes, those sharing a cache directory prepare it once (gptjax/data/sharing.py)."""
+    directory = sharing.prepare_once(
+        cache_root(cfg), lambda: prepare(cfg, seq_len, tokenizer_path, max_vocab, progress)
+    )
     tokenizer = tok.load(directory)
     window = seq_len + 1
     train = PackedWindows(directory / "train.array_record", window)
