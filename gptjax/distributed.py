@@ -141,7 +141,17 @@ def _slurm(env: Mapping[str, str], ids: tuple[int, ...] | None) -> Topology:
     # Several tasks on a node that all see the node's GPUs: task i takes local device i.
     # (With --gpus-per-task / --gpu-bind SLURM already narrowed CUDA_VISIBLE_DEVICES.)
     shared = not visible or len(visible) == tasks_here
-    if ids is None and tasks_here and tasks_here > 1 and shared and env.get("SLURM_LOCALID"):
+    # On CPU (JAX_PLATFORMS=cpu: fake devices per task, launch/slurm.sbatch) there is no GPU
+    # to pick: every task drives its own CPU devices.
+    gpus = env.get("JAX_PLATFORMS", "").strip().lower() != "cpu"
+    if (
+        ids is None
+        and tasks_here
+        and tasks_here > 1
+        and shared
+        and gpus
+        and env.get("SLURM_LOCALID")
+    ):
         ids = (_int(env, "SLURM_LOCALID"),)
     coordinator = f"{first_host(nodes)}:{port}" if nodes else None
     return Topology(count, _int(env, "SLURM_PROCID"), coordinator, ids, "slurm")

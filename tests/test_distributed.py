@@ -87,6 +87,8 @@ def test_slurm_matches_jax_own_detection(monkeypatch):
     assert resolve({**SLURM, "CUDA_VISIBLE_DEVICES": "1"}).local_device_ids is None
     assert resolve({**SLURM, "CUDA_VISIBLE_DEVICES": "2,3"}).local_device_ids is None
     assert resolve({**SLURM, "SLURM_STEP_TASKS_PER_NODE": "1(x8)"}).local_device_ids is None
+    # CPU tasks (each with its own fake devices) have no GPU to choose.
+    assert resolve({**SLURM, "JAX_PLATFORMS": "cpu"}).local_device_ids is None
     assert resolve({**SLURM, "GPTJAX_COORDINATOR_PORT": "999"}).coordinator == "gpu003:999"
     assert resolve({**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}).num_processes == 1
 

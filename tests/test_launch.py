@@ -185,6 +185,7 @@ def test_slurm_template_gives_every_task_the_same_coordinator(tmp_path):
         "PATH": f"{srun.parent}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
         "GPTJAX_DRY_RUN": "1",
         "GPTJAX_HOME": str(ROOT),
+        "GPTJAX_VENV": sys.prefix,
     }
     result = subprocess.run(
         ["bash", "launch/slurm.sbatch", "configs/debug.yaml", "train.steps=5"],
@@ -200,6 +201,30 @@ def test_slurm_template_gives_every_task_the_same_coordinator(tmp_path):
     assert {address for _, address, _, _ in found} == {f"gpu-07:{4242 % 4096 + 61440}"}
     assert "local_device_ids=[1]" in result.stdout  # task 1 = second GPU of the first node
     assert "train configs/debug.yaml train.step_timeout=1800 train.steps=5" in result.stdout
+
+
+def test_slurm_template_refuses_a_missing_venv(tmp_path):
+    """No Python with gptjax at $GPTJAX_VENV: one line and exit 2, before any srun (never the
+    `python` on PATH, which may lack jax)."""
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text("#!/usr/bin/env bash\necho srun was called\n")
+    srun.chmod(0o755)
+    env = {**os.environ, "PATH": f"{srun.parent}:{os.environ['PATH']}", "GPTJAX_HOME": str(ROOT)}
+    for venv in (tmp_path / "missing", tmp_path):  # no such directory; a directory without bin/
+        run = subprocess.run(
+            ["bash", "launch/slurm.sbatch", "configs/debug.yaml"],
+            capture_output=True,
+            text=True,
+            env={**env, "GPTJAX_VENV": str(venv)},
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert run.returncode == 2 and "srun" not in run.stdout
+        assert run.stderr.startswith(
+            f"gptjax: error: no Python with gptjax and jax at {venv}/bin/python"
+        )
+        assert len(run.stderr.strip().splitlines()) == 1
 
 
 def test_jobset_template_is_consistent():
