@@ -187,6 +187,7 @@ def test_slurm_template_gives_every_task_the_same_coordinator(tmp_path):
         "GPTJAX_HOME": str(ROOT),
         "GPTJAX_VENV": sys.prefix,
     }
+    env.pop("JAX_PLATFORMS", None)  # GPU nodes (conftest sets cpu for this process)
     result = subprocess.run(
         ["bash", "launch/slurm.sbatch", "configs/debug.yaml", "train.steps=5"],
         capture_output=True,
@@ -201,6 +202,19 @@ def test_slurm_template_gives_every_task_the_same_coordinator(tmp_path):
     assert {address for _, address, _, _ in found} == {f"gpu-07:{4242 % 4096 + 61440}"}
     assert "local_device_ids=[1]" in result.stdout  # task 1 = second GPU of the first node
     assert "train configs/debug.yaml train.step_timeout=1800 train.steps=5" in result.stdout
+
+    # CPU nodes: fake devices per task, and no GPU for a task to pick.
+    cpu = subprocess.run(
+        ["bash", "launch/slurm.sbatch", "configs/debug.yaml"],
+        capture_output=True,
+        text=True,
+        env={**env, "GPTJAX_CPU_DEVICES_PER_TASK": "4"},
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert cpu.returncode == 0, cpu.stderr
+    assert len(INIT.findall(cpu.stdout)) == 4 and "local_device_ids=None" in cpu.stdout
+    assert "local_device_ids=[" not in cpu.stdout
 
 
 def test_slurm_template_refuses_a_missing_venv(tmp_path):
