@@ -17,7 +17,8 @@ Every mistake is a 4xx JSON `{"error": {"message", "type": "invalid_request_erro
 the first, a prompt over the context (code "context_length_exceeded"), n > 1, an unknown path.
 
 One worker thread owns the model; requests wait in a FIFO queue and are answered one at a time
-(each streams as it is generated). A client that disconnects frees the worker at once.
+(each streams as it is generated). When a streaming client disconnects, its generation stops at
+the next chunk of tokens.
 """
 
 from __future__ import annotations

@@ -467,9 +467,13 @@ def test_tokenizer_round_trips_every_stdlib_file(tmp_path, cache_dir):
 
 
 def test_importing_the_training_path_loads_neither_tfds_nor_grain():
-    heavy = "('tensorflow_datasets', 'grain', 'tensorflow', 'torch', 'transformers', 'tokenizers')"
+    heavy = (
+        "('tensorflow_datasets', 'grain', 'tensorflow', 'torch', 'transformers', 'tokenizers', "
+        "'fastapi', 'uvicorn', 'chitchat_dataset')"
+    )
     code = (
-        "import sys, gptjax, gptjax.train, gptjax.data, gptjax.cli, gptjax.interop; "
+        "import sys, gptjax, gptjax.train, gptjax.data, gptjax.cli, gptjax.interop, "
+        "gptjax.chatbot, gptjax.terminal; "
         f"print(sorted(m for m in {heavy} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
