@@ -165,15 +165,18 @@ def _import(args) -> int:
 
 
 def _data_prepare(args) -> int:
-    from gptjax import config
+    from gptjax import config, runs
     from gptjax.data import pipeline
     from gptjax.data import tokenizer as tok
 
     cfg = config.load(args.config, args.overrides)
+    tokenizer = tok.find(cfg.run_dir)  # a run keeps its tokenizer
+    if tokenizer is None and cfg.train.init_from:  # a new fine-tuning run: the source's
+        tokenizer = tok.find(runs.init_source(cfg)[0])
     directory = pipeline.prepare(
         cfg.data,
         cfg.model.seq_len,
-        tok.find(cfg.run_dir),  # a run keeps its tokenizer
+        tokenizer,
         max_vocab=cfg.model.vocab_size,
         progress=not args.no_progress,
     )

@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, run_cli, tiny_config
 from test_model import random_params, small_cfg
 
 from gptjax import config, model, runs, steps, train
@@ -296,6 +296,13 @@ def test_init_from_loads_the_source_parameters_and_continues_from_them(
     assert result["final_step"] == 1
     reference = steps.evaluate(one, evaluate, source_params, data, cfg.train.eval_steps)
     assert before["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+
+    # `gptjax data prepare` of a new fine-tuning config uses the source's tokenizer too
+    overrides = [f"data.cache_dir={cache_dir}", f"run_dir={tmp_path / 'other'}"]
+    overrides += [f"train.init_from={source_run}", f"data.source=chat:{path}"]
+    prepared = run_cli("data", "prepare", "configs/debug.yaml", *overrides, "data.packing=segments")
+    assert prepared.returncode == 0, prepared.stderr
+    assert json.loads(prepared.stdout)["directory"] == str(data.directory)
 
 
 def test_init_from_refuses_other_shapes_and_missing_runs(tmp_path, cache_dir, source_run):
