@@ -117,6 +117,8 @@ def test_pool_records_failures_and_goes_on(tmp_path, cache_dir):
     assert runs.read_state(fail).error == "gptjax: error: boom"
     attempts = runs.read_jsonl(killed.directory / runs.ATTEMPTS)
     assert attempts[-1]["returncode"] == -9 and attempts[-1]["error"] is None
+    assert all(runs.read_jsonl(r.directory / runs.ATTEMPTS)[-1]["cpu_seconds"] > 0
+               for r in sweep.runs)  # fmt: skip
     assert not any(runs.is_locked(r.directory) for r in sweep.runs)
     assert [r.name for r in pool.select(sweep, retry_failed=False)[0]] == [killed.name]
     chosen, skipped = pool.select(sweep, retry_failed=True)

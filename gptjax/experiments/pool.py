@@ -90,6 +90,21 @@ def gpu_ids(env: dict[str, str]) -> list[str]:
     return [str(i) for i in range(launch.count_gpus(env))]
 
 
+def reap(process: subprocess.Popen) -> tuple[int, float | None] | None:
+    """(exit code, CPU seconds it used: user + system, all its threads) once the process has
+    ended, else None. CPU seconds, unlike wall time, hardly change on a busy shared machine."""
+    if process.returncode is not None:  # already collected (send_signal polls)
+        return process.returncode, None
+    try:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    except ChildProcessError:
+        return process.wait(), None
+    if pid == 0:
+        return None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_utime + usage.ru_stime
+
+
 class Pool:
     """Runs up to `workers` runs at once; returns 0 when every run it started finished."""
 
@@ -170,12 +185,12 @@ class Pool:
         self.say(f"start {run.name} [{run.index}] {run.label}{where}")
         return True
 
-    def _finish(self, slot: int, returncode: int) -> None:
+    def _finish(self, slot: int, returncode: int, cpu_seconds: float | None) -> None:
         run, _, handle, started = self.active.pop(slot)
         error = None
         if returncode > 0 and returncode not in INTERRUPTED_CODES:
             error = error_line(run.directory / run_files.LOG)
-        run_files.record_attempt(run.directory, started, returncode, error)
+        run_files.record_attempt(run.directory, started, returncode, error, cpu_seconds)
         run_files.release(handle)
         state = run_files.read_state(run)
         seconds = time.time() - started
@@ -197,7 +212,7 @@ class Pool:
             self.say(f"{signal.Signals(signum).name}: stopping every run at its next step")
         self.stopping = True
         for _, process, _, _ in self.active.values():
-            if process.poll() is None:
+            if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
 
     def _progress(self) -> None:
@@ -224,9 +239,10 @@ class Pool:
                     if self._start(free[0], self.queue.pop(0)):
                         free.pop(0)
                 for slot, (run, process, _, _) in list(self.active.items()):
-                    if process.poll() is not None:
+                    ended = reap(process)
+                    if ended is not None:
                         self.finished_steps += run.config.train.steps - self.base[run.name]
-                        self._finish(slot, process.returncode)
+                        self._finish(slot, *ended)
                 self._progress()
                 time.sleep(0.5)
         finally:

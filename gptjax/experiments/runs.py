@@ -4,7 +4,8 @@ A run directory is a normal gptjax run_dir (config.yaml, metrics.jsonl, checkpoi
 files the sweep keeps beside them:
 
     sweep.lock     held (flock) by the process running the run; released when that process dies
-    sweep.jsonl    one line per attempt: {"host", "started", "seconds", "returncode", "error"}
+    sweep.jsonl    one line per attempt: {"host", "started", "seconds", "cpu_seconds",
+                   "returncode", "error"}
 
 Status, from the disk alone (so any process, on any host, can read it):
 
@@ -48,6 +49,7 @@ class RunState:
     eval_bpb: float | None
     train_seconds: float | None  # training time from the logged tokens/s (no compile, no eval)
     wall_seconds: float  # all attempts, start to exit
+    cpu_seconds: float  # all attempts: CPU time of the training processes (all their threads)
     error: str | None  # the last attempt's error line, if it failed
 
 
@@ -124,11 +126,18 @@ def release(handle) -> None:
         handle.close()  # closing the file drops the flock
 
 
-def record_attempt(run_dir: Path, started: float, returncode: int, error: str | None) -> None:
+def record_attempt(
+    run_dir: Path,
+    started: float,
+    returncode: int,
+    error: str | None,
+    cpu_seconds: float | None = None,
+) -> None:
     line = {
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
+        "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 3),
         "returncode": returncode,
         "error": error,
     }
@@ -182,7 +191,8 @@ def read_state(run: Run) -> RunState:
         eval_loss=final[-1]["eval_loss"] if done else None,
         eval_bpb=final[-1].get("eval_bpb") if done else None,
         train_seconds=seconds,
-        wall_seconds=sum(a.get("seconds", 0.0) for a in attempts),
+        wall_seconds=sum(a.get("seconds") or 0.0 for a in attempts),
+        cpu_seconds=sum(a.get("cpu_seconds") or 0.0 for a in attempts),
         error=error if status == "failed" else None,
     )
 
@@ -220,6 +230,7 @@ RESULT_COLUMNS = (
     "step",
     "train_seconds",
     "wall_seconds",
+    "cpu_seconds",
     "label",
 )
 
@@ -241,5 +252,6 @@ def result_row(run: Run, state: RunState) -> dict[str, Any]:
         "step": state.step,
         "train_seconds": None if state.train_seconds is None else round(state.train_seconds, 1),
         "wall_seconds": round(state.wall_seconds, 1),
+        "cpu_seconds": round(state.cpu_seconds, 1),
         "label": run.label,
     }
