@@ -66,6 +66,19 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def _sample_devices(args):
+    """`--devices N --tensor T`: N local devices, prompts over N/T, each model's heads over T."""
+    import jax
+
+    available = jax.local_devices()
+    if not 1 <= args.devices <= len(available):
+        raise ConfigError(f"--devices {args.devices}: this process has {len(available)}")
+    if args.tensor < 1 or args.devices % args.tensor:
+        raise ConfigError(f"--tensor {args.tensor} does not divide --devices {args.devices}")
+    mesh = {"data": args.devices // args.tensor, "fsdp": 1, "tensor": args.tensor}
+    return available[: args.devices], mesh
+
+
 def _sample(args) -> int:
     from gptjax import generate, runs
 
@@ -83,7 +96,8 @@ def _sample(args) -> int:
         stop=args.stop,
     )
     generate.Sampling(args.temperature, args.top_k, args.top_p)  # bad settings: before loading
-    setup, params, tokenizer = runs.load_run(args.run_dir, args.step)
+    devices, mesh = _sample_devices(args)
+    setup, params, tokenizer = runs.load_run(args.run_dir, args.step, devices, mesh)
     pieces = generate.generate(setup, params, tokenizer, prompts, **settings)
     if len(prompts) == 1:  # stream
         sys.stdout.write(prompts[0])
@@ -258,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--stop", default=None, help="stop a sample at this text (not printed)")
+    p.add_argument("--devices", type=int, default=1, help="local devices to generate on")
+    p.add_argument("--tensor", type=int, default=1, help="of them, split each model's heads")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     p.set_defaults(run=_sample)
 

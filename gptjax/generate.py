@@ -72,6 +72,13 @@ class Sampling:
             raise ConfigError(f"top_p {self.top_p}: use a number in (0, 1] (1: no top-p)")
 
 
+def _scaled(logits, temperature, vocab: int):
+    """Logits / temperature, ids >= `vocab` at -inf (temperature a number or [...] array)."""
+    t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:-1])[..., None]
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+    return logits / jnp.maximum(t, 1e-6)
+
+
 def filter_logits(logits, temperature, top_k, top_p, vocab: int):
     """Logits / temperature with everything outside the top-k / top-p (nucleus) set at -inf.
 
@@ -80,10 +87,8 @@ def filter_logits(logits, temperature, top_k, top_p, vocab: int):
     either set are kept."""
     lead = logits.shape[:-1]
     setting = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), lead)[..., None]
-    temperature = setting(temperature, jnp.float32)
     top_k, top_p = setting(top_k, jnp.int32), setting(top_p, jnp.float32)
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
-    logits = logits / jnp.maximum(temperature, 1e-6)
+    logits = _scaled(logits, temperature, vocab)
     descending = -jnp.sort(-logits, axis=-1)
     kth = jnp.take_along_axis(descending, jnp.clip(top_k, 1, vocab) - 1, axis=-1)
     cut_k = top_k > 0
@@ -109,7 +114,7 @@ def _choose(logits_BV, keys_B, settings, vocab: int):
         filtered = jax.lax.cond(
             filtering,
             lambda: filter_logits(logits_BV, t, k, p, vocab),
-            lambda: filter_logits(logits_BV, t, 0, 1.0, vocab),
+            lambda: _scaled(logits_BV, t, vocab),
         )
         drawn = jax.vmap(jax.random.categorical)(keys_B, filtered).astype(jnp.int32)
         return jnp.where(t > 0, drawn, greedy(None))

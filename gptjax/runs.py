@@ -33,10 +33,14 @@ def read_config(run_dir: str | Path) -> Config:
     return cfg.model_copy(update={"mesh": cfg.mesh.on_local_devices()})
 
 
-def load_run(run_dir: str | Path, step: int | None = None, devices=None):
-    """(setup, params, tokenizer) of a run_dir's newest (or given) checkpoint."""
+def load_run(run_dir: str | Path, step: int | None = None, devices=None, mesh=None):
+    """(setup, params, tokenizer) of a run_dir's newest (or given) checkpoint, on `devices`
+    (default: one) with every device on `data`, or with `mesh` sizes ({"data": 2, "tensor": 4})
+    in place of that."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    if mesh:
+        cfg = cfg.model_copy(update={"mesh": cfg.mesh.model_copy(update=mesh)})
     setup = steps.build(cfg, devices or jax.devices()[:1])
     # read_only: the run may be training (and saving) right now
     ckpt = checkpoint.Checkpointer(run_dir, async_save=False, read_only=True)

@@ -324,6 +324,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         (["--temperature", "-1"], "temperature -1.0"),
         (["--top-p", "1.5"], "top_p 1.5"),
         (["--num-samples", "0"], "--num-samples 0"),
+        (["--devices", "4", "--tensor", "3"], "--tensor 3 does not divide --devices 4"),
     ]
     for args, message in cases:
         assert cli.main(["sample", str(tmp_path), *args]) == 2

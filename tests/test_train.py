@@ -84,7 +84,7 @@ def test_cli_train_sample_eval_end_to_end(tmp_path, cache_dir):
     prompts.write_text("def \nclass \n")
     batch = run_cli(
         "sample", str(run), "--prompt-file", str(prompts), "--num-samples", "2",
-        "--max-new-tokens", "8", env=env,
+        "--max-new-tokens", "8", "--devices", "4", "--tensor", "2", env=env,
     )  # fmt: skip
     assert batch.returncode == 0, batch.stderr
     samples = batch.stdout.split("-" * 40 + "\n")
