@@ -205,7 +205,8 @@ class Pool:
             )
         else:
             self.done["interrupted"] += 1
-            self.say(f"stopped {run.name} at step {state.checkpoint}; run the sweep to resume")
+            where = f"at step {state.checkpoint}" if state.checkpoint else "before a checkpoint"
+            self.say(f"stopped {run.name} {where}; run the sweep again to resume it")
 
     def _signal(self, signum, frame) -> None:
         if not self.stopping:
