@@ -291,35 +291,49 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a pydantic model, nested sections included (aliases as written)."""
     keys = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         keys.append(key)
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(_valid_keys(annotation, key + "."))
+            keys.extend(valid_keys(annotation, key + "."))
     return keys
 
 
-def _explain(error: ValidationError) -> str:
+def explain(error: ValidationError, root: type[BaseModel] | None = None, noun="config") -> str:
+    """One line for pydantic's first error; an unknown key suggests the closest valid one."""
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(location, _valid_keys(Config), n=1, cutoff=0.5)
+        known = valid_keys(root or Config)
+        close = difflib.get_close_matches(location, known, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown config key '{location}'{hint}"
+        return f"unknown {noun} key '{location}'{hint}"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "value_error":
         return message
-    return f"{location}: {message} (got {first.get('input')!r})"
+    return f"{location or noun}: {message} (got {first.get('input')!r})"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model.n_layer": 4, ...}: a config dict with dotted keys (`mesh.rules` kept whole)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "rules":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_explain(error)) from None
+        raise ConfigError(explain(error)) from None
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -26,7 +26,6 @@ a cluster, and after an upgrade that adds config keys.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -171,49 +170,17 @@ def _is_execution_key(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "rules":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def run_name(cfg: Config) -> str:
     """10 hex digits of the hash of what the run computes: its settings that differ from
     gptjax's defaults, EXECUTION_KEYS left out. (A key gptjax adds later, with a default that
     keeps today's behaviour, leaves every name as it was.)"""
-    defaults = _flat(Config().to_dict())
+    defaults = config_module.flatten(Config().to_dict())
     identity = {
         key: value
-        for key, value in _flat(cfg.to_dict()).items()
+        for key, value in config_module.flatten(cfg.to_dict()).items()
         if not _is_execution_key(key) and (key not in defaults or defaults[key] != value)
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def _spec_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys.extend(_spec_keys(field.annotation, f"{prefix}{name}."))
-    return keys
-
-
-def _explain(error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(location, _spec_keys(Spec), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown spec key '{location}'{hint}"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "value_error":
-        return message
-    return f"{location or 'spec'}: {message} (got {first.get('input')!r})"
 
 
 def _apply(raw: dict[str, Any], overrides: dict[str, Any]) -> Config:
@@ -310,7 +277,7 @@ def load(path: str | Path) -> Sweep:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as error:
-        raise SweepError(f"{path}: {_explain(error)}") from None
+        raise SweepError(f"{path}: {config_module.explain(error, Spec, 'spec')}") from None
     directory = Path(spec.dir or Path("runs", "sweeps", path.stem))
     try:
         base = config_module.load(_base_path(spec.base, path)).to_dict()
