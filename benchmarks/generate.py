@@ -1,4 +1,4 @@
-"""Generation speed: the KV cache (gptjax/generate.py) vs full recomputation, side by side.
+"""Generation speed: the KV cache (gptjax/inference/generate.py) vs full recomputation.
 
 Full recomputation is what `gptjax sample` did before the cache: for every new token one forward
 over the fixed [B, seq_len] window (one compile), argmax at the last real position. Its cost
@@ -37,7 +37,8 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gptjax import config, generate, model, steps  # noqa: E402
+from gptjax import config, model, steps  # noqa: E402
+from gptjax.inference import generate  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -80,7 +80,8 @@ def _sample_devices(args):
 
 
 def _sample(args) -> int:
-    from gptjax import generate, runs
+    from gptjax import runs
+    from gptjax.inference import generate
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples}: use 1 or more")
@@ -122,7 +123,7 @@ def _sample(args) -> int:
 
 
 def _settings(args):
-    from gptjax.chatbot import Settings
+    from gptjax.inference.chatbot import Settings
 
     settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     settings.check()  # bad settings: before loading
@@ -130,15 +131,15 @@ def _settings(args):
 
 
 def _chat(args) -> int:
-    from gptjax import terminal
-    from gptjax.chatbot import Chatbot
+    from gptjax.inference import terminal
+    from gptjax.inference.chatbot import Chatbot
 
     settings = _settings(args)
     return terminal.run(Chatbot(args.run_dir, args.step), settings, args.system)
 
 
 def _serve(args) -> int:
-    from gptjax import serve
+    from gptjax.inference import serve
 
     return serve.serve(args.run_dir, args.host, args.port, args.step)
 

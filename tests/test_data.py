@@ -473,7 +473,7 @@ def test_importing_the_training_path_loads_neither_tfds_nor_grain():
     )
     code = (
         "import sys, gptjax, gptjax.train, gptjax.data, gptjax.cli, gptjax.interop, "
-        "gptjax.chatbot, gptjax.terminal; "
+        "gptjax.inference.chatbot, gptjax.inference.terminal; "
         f"print(sorted(m for m in {heavy} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import cli, generate, model, steps
+from gptjax import cli, model, steps
 from gptjax.config import ConfigError
-from gptjax.generate import Sampling, filter_logits
+from gptjax.inference import generate
+from gptjax.inference.generate import Sampling, filter_logits
 from tests.conftest import tiny_config
 
 LOGITS = jnp.log(jnp.array([0.05, 0.4, 0.1, 0.3, 0.15, 9.0]))  # the last id is past the vocab

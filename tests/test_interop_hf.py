@@ -23,8 +23,9 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from gptjax import cli, config, generate, runs, steps, train  # noqa: E402
+from gptjax import cli, config, runs, steps, train  # noqa: E402
 from gptjax.data import tokenizer as tok  # noqa: E402
+from gptjax.inference import generate  # noqa: E402
 from gptjax.interop import hf  # noqa: E402
 
 # f32 on both sides; the two compute attention and layer norms in different orders. Measured

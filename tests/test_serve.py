@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, tiny_config
 
-from gptjax import generate, train
-from gptjax.chatbot import Chatbot, ContextError, Settings
+from gptjax import train
+from gptjax.inference import generate
+from gptjax.inference.chatbot import Chatbot, ContextError, Settings
 
 openai = pytest.importorskip("openai")
 pexpect = pytest.importorskip("pexpect")

@@ -1,6 +1,6 @@
 """A trained run as a chat model: its chat template, history fitted to the context, replies
-streamed from the KV-cache generator. `gptjax chat` (gptjax/terminal.py) and `gptjax serve`
-(gptjax/serve.py) both talk to the model through this.
+streamed from the KV-cache generator. `gptjax chat` (inference/terminal.py) and `gptjax serve`
+(inference/serve.py) both talk to the model through this.
 
 A reply is generated after the conversation rendered with the template and `<|assistant|>`
 (gptjax/data/chat.py) and ends at `<|end|>` (or the end-of-document token), at a stop string,
@@ -13,9 +13,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptjax import generate, runs
+from gptjax import runs
 from gptjax.config import ConfigError
 from gptjax.data import chat
+from gptjax.inference import generate
 
 Message = chat.Message
 
@@ -26,7 +27,7 @@ class ContextError(ConfigError):
 
 @dataclass(frozen=True)
 class Settings:
-    """How to generate one reply (see gptjax/generate.py for the sampling settings)."""
+    """How to generate one reply (see gptjax/inference/generate.py for the sampling settings)."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8

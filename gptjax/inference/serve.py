@@ -43,9 +43,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from gptjax.chatbot import Chatbot, Piece, Settings
 from gptjax.config import ConfigError
 from gptjax.data import DataError, chat
+from gptjax.inference.chatbot import Chatbot, Piece, Settings
 
 _DONE = object()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from gptjax.chatbot import Chatbot, ContextError, Settings
+from gptjax.inference.chatbot import Chatbot, ContextError, Settings
 
 PROMPT = "you> "
 REPLY = "bot> "
