@@ -1,8 +1,9 @@
 """Scaling-law fits on finished runs: (N parameters, D tokens, C FLOPs, loss) per run.
 
 - IsoFLOP (Chinchilla's approach 2): per compute budget, a parabola of the loss in ln N; its
-  vertex is N_opt when it is a minimum inside the budget's range of N (else the budget is
-  reported as unbracketed and left out, never extrapolated). D_opt is read off the budget's own
+  vertex is N_opt when the budget's lowest loss is not at its smallest or largest size and the
+  parabola has its minimum inside that range (else the budget is reported as unbracketed and
+  left out, never extrapolated). D_opt is read off the budget's own
   (N, D) pairs at N_opt. Then ln N_opt = a ln C + k and ln D_opt = b ln C + k' by least squares.
 - Parametric (approach 3): L(N, D) = E + A/N^alpha + B/D^beta, fitted in log space as
   ln L = LSE(ln A - alpha ln N, ln B - beta ln D, ln E), minimising the SUM of Huber losses
@@ -269,6 +270,11 @@ def budget_minimum(p: Points) -> dict[str, Any]:
         return out
     c2, c1, c0 = np.polyfit(x, p.loss, 2)
     out["coefficients"] = [float(c0), float(c1), float(c2)]
+    best = x[np.argmin(p.loss)]
+    if best in (x.min(), x.max()):
+        end = "smallest" if best == x.min() else "largest"
+        out["reason"] = f"the lowest loss is at the {end} size tried"
+        return out
     if c2 <= 0:
         out["reason"] = "the parabola opens downward"
         return out

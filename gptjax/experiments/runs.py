@@ -49,7 +49,7 @@ class RunState:
     eval_bpb: float | None
     train_seconds: float | None  # training time from the logged tokens/s (no compile, no eval)
     wall_seconds: float  # all attempts, start to exit
-    cpu_seconds: float  # all attempts: CPU time of the training processes (all their threads)
+    cpu_seconds: float | None  # all attempts: CPU time of the training processes (all threads)
     error: str | None  # the last attempt's error line, if it failed
 
 
@@ -159,6 +159,12 @@ def train_seconds(records: list[dict[str, Any]], tokens_per_step: int, log_every
     return total
 
 
+def _total(values) -> float | None:
+    """The sum of the known values (None when none is known)."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
 def read_state(run: Run) -> RunState:
     cfg, run_dir = run.config, run.directory
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -192,7 +198,7 @@ def read_state(run: Run) -> RunState:
         eval_bpb=final[-1].get("eval_bpb") if done else None,
         train_seconds=seconds,
         wall_seconds=sum(a.get("seconds") or 0.0 for a in attempts),
-        cpu_seconds=sum(a.get("cpu_seconds") or 0.0 for a in attempts),
+        cpu_seconds=_total(a.get("cpu_seconds") for a in attempts),
         error=error if status == "failed" else None,
     )
 
@@ -252,6 +258,6 @@ def result_row(run: Run, state: RunState) -> dict[str, Any]:
         "step": state.step,
         "train_seconds": None if state.train_seconds is None else round(state.train_seconds, 1),
         "wall_seconds": round(state.wall_seconds, 1),
-        "cpu_seconds": round(state.cpu_seconds, 1),
+        "cpu_seconds": None if state.cpu_seconds is None else round(state.cpu_seconds, 1),
         "label": run.label,
     }
