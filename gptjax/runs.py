@@ -105,6 +105,41 @@ def check_resume(run_dir: Path, cfg: Config) -> list[str]:
     ]
 
 
+def init_source(cfg: Config) -> tuple[Path, int | None]:
+    """(run directory, step or None for its newest) of `train.init_from: RUN_DIR[@STEP]`,
+    checked before anything is written: a run directory with a tokenizer and the same parameter
+    shapes as `cfg` (the differing ones are listed)."""
+    spec = cfg.train.init_from
+    path, at, step = spec.rpartition("@")
+    if not (at and step.isdigit()):
+        path, step = spec, None
+    source = Path(path)
+    try:
+        saved = read_config(source)
+    except ConfigError as error:
+        raise ConfigError(f"train.init_from={spec}: {error}") from None
+    differ = shape_changes(saved, cfg)
+    if differ:
+        raise ConfigError(
+            f"train.init_from={spec} has different parameter shapes: {'; '.join(differ)}; "
+            f"set model.* as in {source / 'config.yaml'}"
+        )
+    if tok.find(source) is None:
+        raise ConfigError(f"train.init_from={spec}: {source} holds no tokenizer")
+    if cfg.data.tokenizer:
+        raise ConfigError("train.init_from keeps the source run's tokenizer: remove data.tokenizer")
+    return source, None if step is None else int(step)
+
+
+def init_params(source: Path, step: int | None, setup: steps.Setup) -> Any:
+    """The parameters of `source`'s checkpoint `step` (newest when None), on `setup`'s mesh."""
+    reader = checkpoint.Checkpointer(source, async_save=False, read_only=True)
+    try:
+        return reader.restore_params(setup.abstract_state["params"], step)
+    finally:
+        reader.close()
+
+
 def load_data(
     cfg: Config, run_dir: Path, progress: bool = False, tokenizer: Path | None = None
 ) -> Dataset:
