@@ -78,6 +78,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for ax in axes[-1]:
         ax.set_xlabel("step")
     figure.suptitle(str(Path(run_dir).resolve().name))
+    return save_figure(figure, out, plt)
+
+
+def save_figure(figure, out: Path, plt) -> Path:
+    """Write `figure` as a PNG (one line when the file cannot be written) and close it."""
     figure.tight_layout()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import numpy as np
 from gptjax.experiments import fit as fits
 from gptjax.experiments.runs import RESULT_COLUMNS
 from gptjax.experiments.spec import SweepError
+from gptjax.plot import save_figure
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -70,17 +71,6 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path, plt) -> Path:
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=100)
-    except OSError as error:
-        raise SweepError(f"cannot write {path}: {error.strerror}") from None
-    finally:
-        plt.close(figure)
-    return path
-
-
 def plot_isoflop(p: fits.Points, result: dict[str, Any], path: Path, metric: str, plt) -> Path:
     figure, ax = plt.subplots(figsize=(7, 5))
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(result["budgets"]), 1)))
@@ -103,7 +93,7 @@ def plot_isoflop(p: fits.Points, result: dict[str, Any], path: Path, metric: str
     ax.set_title("IsoFLOP curves (star: fitted minimum)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)
 
 
 def plot_frontier(p: fits.Points, path: Path, metric: str, plt) -> Path:
@@ -119,7 +109,7 @@ def plot_frontier(p: fits.Points, path: Path, metric: str, plt) -> Path:
     ax.set_title("loss against compute")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)
 
 
 def plot_optimal(result: dict[str, Any], path: Path, plt) -> Path:
@@ -143,7 +133,7 @@ def plot_optimal(result: dict[str, Any], path: Path, plt) -> Path:
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)
 
 
 def plots(rows: list[dict[str, Any]], result: dict[str, Any], out: Path) -> list[Path]:
