@@ -145,16 +145,9 @@ def _serve(args) -> int:
 
 
 def _eval(args) -> int:
-    from gptjax import runs, steps
+    from gptjax import runs
 
-    setup, params, _ = runs.load_run(args.run_dir, args.step)
-    cfg = setup.cfg
-    data = runs.load_data(cfg, Path(args.run_dir))
-    eval_step = steps.make_eval_step(setup, data.token_bytes)
-    n_batches = args.batches or max(1, len(data.val) // cfg.train.batch_size)
-    result = steps.evaluate(setup, eval_step, params, data, n_batches)
-    result["eval_tokens"] = n_batches * cfg.train.batch_size * cfg.model.seq_len
-    print(json.dumps(result))
+    print(json.dumps(runs.score_held_out(args.run_dir, args.step, args.batches)))
     return 0
 
 

@@ -251,3 +251,28 @@ def test_sweep_interrupted_then_rerun_loses_nothing(tmp_path, cache_dir):
         assert float(row["eval_bpb"]) == pytest.approx(final[-1]["eval_bpb"])
         assert int(row["tokens"]) == 6 * 8 * 64
     assert pool.select(sweep, retry_failed=True) == ([], {"finished": 4})  # nothing left to do
+
+    # score: held_out rescores every finished run on the whole held-out set (the same text for
+    # every run whatever its batch size), keeps it in held_out.json and reports that
+    body = yaml.safe_load(path.read_text()) | {"score": "held_out"}
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    sweep = spec.load(path)
+    assert [r.name for r in sweep.runs] == [r["run"] for r in rows]  # the same runs
+    done = run_cli("sweep", "report", str(path), "--no-plots", "--bootstrap", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("on the whole held-out set") == 4
+    with open(sweep.directory / "results.csv", newline="") as handle:
+        held = list(csv.DictReader(handle))
+    for row, run in zip(held, sweep.runs, strict=True):
+        score = json.loads((run.directory / runs.HELD_OUT).read_text())
+        assert score["step"] == 6 and float(row["eval_bpb"]) == pytest.approx(score["eval_bpb"])
+        assert score["eval_tokens"] > 8 * 64  # more than the run's own one-batch evaluation
+    # oracle: scored on the first batch only, the checkpoint gives the run's own final eval
+    one = json.loads(run_cli("eval", str(first.directory), "--batches", "1").stdout)
+    final = [r for r in runs.read_jsonl(first.directory / "metrics.jsonl") if "eval_bpb" in r]
+    assert one["eval_bpb"] == pytest.approx(final[-1]["eval_bpb"], rel=1e-5)
+    # a second report reuses the scores; status shows them
+    again = run_cli("sweep", "report", str(path), "--no-plots", "--bootstrap", "0")
+    assert again.returncode == 0 and "held-out set" not in again.stderr
+    status = run_cli("sweep", "status", str(path)).stdout
+    assert f"{float(held[0]['eval_bpb']):.4f}" in status and "whole held-out set" in status

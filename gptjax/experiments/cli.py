@@ -112,7 +112,7 @@ def _status(args) -> int:
     from gptjax.experiments import runs, spec
 
     sweep = spec.load(args.spec)
-    states = [runs.read_state(run) for run in sweep.runs]
+    states = [runs.read_state(run, sweep.spec.score) for run in sweep.runs]
     counts = {s: sum(st.status == s for st in states) for s in runs.STATUSES}
     total = sum(run.config.train.steps for run in sweep.runs)
     done = sum(
@@ -154,6 +154,8 @@ def _status(args) -> int:
         )
         if st.error:
             print(f"{'':>16}{st.error}")
+    if sweep.spec.score == "held_out":
+        print("bpb: on the whole held-out set (a finished run's '-': `sweep report` scores it)")
     return 0
 
 
@@ -179,7 +181,13 @@ def _report(args) -> int:
     for name in ("metric", "params", "bootstrap", "holdout"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(options, name))
-    rows = [runs.result_row(run, runs.read_state(run)) for run in sweep.runs]
+    if sweep.spec.score == "held_out":
+        for run in sweep.runs:
+            state = runs.read_state(run, "held_out")
+            if state.status == "finished" and state.eval_loss is None:
+                print(f"scoring {run.name} on the whole held-out set", file=sys.stderr, flush=True)
+                runs.score_held_out(run)
+    rows = [runs.result_row(run, runs.read_state(run, sweep.spec.score)) for run in sweep.runs]
     path = report.write_csv(rows, sweep.directory / "results.csv")
     if not args.json:
         print(report.format_table(rows))

@@ -6,6 +6,8 @@ files the sweep keeps beside them:
     sweep.lock     held (flock) by the process running the run; released when that process dies
     sweep.jsonl    one line per attempt: {"host", "started", "seconds", "cpu_seconds",
                    "returncode", "error"}
+    held_out.json  (spec `score: held_out`) the finished run scored on the whole held-out set:
+                   {"step", "eval_loss", "eval_ppl", "eval_bpb", "eval_tokens"}
 
 Status, from the disk alone (so any process, on any host, can read it):
 
@@ -38,6 +40,7 @@ STATUSES = ("finished", "running", "interrupted", "failed", "pending")
 LOCK = "sweep.lock"
 ATTEMPTS = "sweep.jsonl"
 LOG = "sweep.log"
+HELD_OUT = "held_out.json"
 
 
 @dataclass
@@ -45,8 +48,8 @@ class RunState:
     status: str
     step: int  # the newest step it reached (metrics or checkpoint)
     checkpoint: int | None  # the newest complete checkpoint
-    eval_loss: float | None  # the final evaluation (None unless finished)
-    eval_bpb: float | None
+    eval_loss: float | None  # the run's score (None unless finished; with `score: held_out`,
+    eval_bpb: float | None  # None until the held-out score is written)
     train_seconds: float | None  # training time from the logged tokens/s (no compile, no eval)
     wall_seconds: float  # all attempts, start to exit
     cpu_seconds: float | None  # all attempts: CPU time of the training processes (all threads)
@@ -165,7 +168,32 @@ def _total(values) -> float | None:
     return sum(known) if known else None
 
 
-def read_state(run: Run) -> RunState:
+def held_out_score(run: Run) -> dict[str, Any] | None:
+    """The run's held-out score at its final step, if one was written."""
+    try:
+        score = json.loads((run.directory / HELD_OUT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not isinstance(score, dict) or score.get("step") != run.config.train.steps:
+        return None  # e.g. of an earlier, shorter run of the same directory: score again
+    return score
+
+
+def score_held_out(run: Run) -> dict[str, Any]:
+    """Score the finished run's final checkpoint on the whole held-out set; kept in
+    held_out.json (written whole: a reader never sees half of it)."""
+    from gptjax import runs as run_dirs  # jax and the model: only when a score is needed
+
+    score = {"step": run.config.train.steps}
+    score |= run_dirs.score_held_out(run.directory, run.config.train.steps)
+    scratch = run.directory / f".{HELD_OUT}.tmp"
+    scratch.write_text(json.dumps(score) + "\n")
+    scratch.replace(run.directory / HELD_OUT)
+    return score
+
+
+def read_state(run: Run, score: str = "final") -> RunState:
+    """The run's state from its directory; `score` (final | held_out) picks its eval numbers."""
     cfg, run_dir = run.config, run.directory
     records = read_jsonl(run_dir / "metrics.jsonl")
     checkpoints = checkpoint_steps(run_dir)
@@ -186,6 +214,9 @@ def read_state(run: Run) -> RunState:
         status = "interrupted"
     else:
         status = "pending"
+    evaluation = final[-1] if done else {}
+    if done and score == "held_out":
+        evaluation = held_out_score(run) or {}
     seconds = None
     if records:
         tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
@@ -194,8 +225,8 @@ def read_state(run: Run) -> RunState:
         status=status,
         step=step,
         checkpoint=checkpoints[-1] if checkpoints else None,
-        eval_loss=final[-1]["eval_loss"] if done else None,
-        eval_bpb=final[-1].get("eval_bpb") if done else None,
+        eval_loss=evaluation.get("eval_loss"),
+        eval_bpb=evaluation.get("eval_bpb"),
         train_seconds=seconds,
         wall_seconds=sum(a.get("seconds") or 0.0 for a in attempts),
         cpu_seconds=_total(a.get("cpu_seconds") for a in attempts),

@@ -16,6 +16,8 @@
     lr_rule: {lr: 2.0e-3, d_model: 256, power: 1.0}   # optim.lr = lr * (256 / d_model)^power
     warmup_fraction: 0.1               # optim.warmup_steps as a share of each run's steps
     fit: {metric: eval_bpb, params: params, bootstrap: 200, holdout: 1}
+    score: final                       # or held_out: `report` scores each finished run on the
+                                       # whole held-out set (held_out.json in its directory)
 
 Each run is the base config plus the overrides plus its grid point (or budget and shape), checked
 by gptjax's own config validation. Its directory is DIR/<hash>, the hash of the resolved
@@ -109,6 +111,9 @@ class Spec(_Section):
     lr_rule: LrRule | None = None
     warmup_fraction: float | None = Field(None, ge=0.0, lt=1.0)
     fit: FitOptions = FitOptions()
+    # final: the run's own last evaluation (train.eval_steps x train.batch_size windows);
+    # held_out: the whole held-out set, the same text for every run whatever its batch size
+    score: Literal["final", "held_out"] = "final"
 
     @model_validator(mode="after")
     def _check(self) -> Spec:
