@@ -47,7 +47,7 @@ def tree_bytes(tree) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=str(ROOT / "configs" / "quickstart.yaml"))
+    parser.add_argument("config", nargs="?", default=str(ROOT / "configs" / "cpu_small.yaml"))
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--saves", type=int, default=50)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary dir)")

@@ -7,9 +7,9 @@ per token does not depend on how many tokens came before, so it is timed over
 the contenders (a busy machine slows them alike); medians over rounds are reported. Random
 weights, greedy decoding, no end-of-document stop: every row makes exactly `--new` tokens.
 
-    python benchmarks/generate.py configs/quickstart.yaml model.seq_len=1024 \\
+    python benchmarks/generate.py configs/cpu_small.yaml model.seq_len=1024 \\
         --prompt 256 --new 512 --batches 1,8 --rounds 3
-    python benchmarks/generate.py configs/quickstart.yaml model.seq_len=1024 --chunks 1,4,16,64 \\
+    python benchmarks/generate.py configs/cpu_small.yaml model.seq_len=1024 --chunks 1,4,16,64 \\
         --batches 1 --no-recompute            # streaming granularity: tokens per device call
 
 Prints a JSON line per measurement to stderr and a Markdown table to stdout. Speed-ups are

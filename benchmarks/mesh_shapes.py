@@ -22,8 +22,8 @@ from gptjax import bench, config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1)]
-# quickstart with 8 heads of 32, so that tensor=8 divides heads, d_ff and vocab.
-DEFAULT = [str(ROOT / "configs/quickstart.yaml"), "model.n_head=8"]
+# cpu_small with 8 heads of 32, so that tensor=8 divides heads, d_ff and vocab.
+DEFAULT = [str(ROOT / "configs/cpu_small.yaml"), "model.n_head=8"]
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Traces a few compiled steps (XLA:CPU emits one trace event per thunk with
 --xla_cpu_enable_xprof_traceme), reads the trace back with jax.profiler.ProfileData and sums the
 event durations by name: fusions, dots (matmuls) and copies, in ms per step and % of the step.
 
-    python benchmarks/profile_ops.py configs/quickstart.yaml [key=value ...] [--steps 3 --top 25]
+    python benchmarks/profile_ops.py configs/cpu_small.yaml [key=value ...] [--steps 3 --top 25]
 """
 
 from __future__ import annotations

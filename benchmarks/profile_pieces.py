@@ -5,7 +5,7 @@ the output head + cross-entropy over the vocabulary (plain and chunked); causal 
 layer norms; the AdamW update; and a plain matmul as the FLOP/s yardstick. Times are medians in
 ms; GFLOP/s where the piece's matmul FLOPs are well defined (forward+backward = 3x forward).
 
-    python benchmarks/profile_pieces.py configs/quickstart.yaml [key=value ...] [--repeats 5]
+    python benchmarks/profile_pieces.py configs/cpu_small.yaml [key=value ...] [--repeats 5]
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ and benchmarks/torch_gpt.py (same config, same synthetic batches, as many thread
 in f32 and optionally PyTorch bf16 autocast. Rounds interleave the contenders so a busy machine
 slows them alike; the ratio is taken within each round, then the median over rounds.
 
-    python benchmarks/side_by_side.py configs/quickstart.yaml --rounds 3 --steps 10 --warmup 3
-    python benchmarks/side_by_side.py configs/quickstart.yaml --torch-bf16 model.n_layer=2
-    python benchmarks/side_by_side.py configs/quickstart.yaml \
+    python benchmarks/side_by_side.py configs/cpu_small.yaml --rounds 3 --steps 10 --warmup 3
+    python benchmarks/side_by_side.py configs/cpu_small.yaml --torch-bf16 model.n_layer=2
+    python benchmarks/side_by_side.py configs/cpu_small.yaml \
         --gptjax-variant noremat=model.remat=none --rounds 3 --steps 8
 
 Prints each run's JSON line to stderr and one summary JSON line to stdout.

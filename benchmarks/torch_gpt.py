@@ -6,7 +6,7 @@ projection tied to the token table; AdamW (decay on matrices and embeddings only
 clipping, mean cross-entropy. Batches are the same synthetic uniform-random tokens `gptjax bench`
 uses. Prints one JSON line in the shape of `gptjax bench` (the fields that apply).
 
-    python benchmarks/torch_gpt.py configs/quickstart.yaml [key=value ...] [--dtype bfloat16]
+    python benchmarks/torch_gpt.py configs/cpu_small.yaml [key=value ...] [--dtype bfloat16]
 
 Install torch from the local CPU wheel (`pip install torch==2.13.0`), never a CUDA build.
 """

@@ -7,9 +7,9 @@ as process CPU seconds per step (all threads), which is steadier than wall time 
 shares the cores. A variant is NAME=SPEC; SPEC's words starting with `--xla` go to XLA_FLAGS,
 the rest are config overrides.
 
-    python benchmarks/variants.py configs/quickstart.yaml --rounds 3 --steps 3 \\
+    python benchmarks/variants.py configs/cpu_small.yaml --rounds 3 --steps 3 \\
         base= unrolled=model.scan_layers=false chunked=model.loss_chunk=64
-    python benchmarks/variants.py configs/quickstart.yaml --xla-flag-sets   # the flag sweep
+    python benchmarks/variants.py configs/cpu_small.yaml --xla-flag-sets   # the flag sweep
 """
 
 from __future__ import annotations

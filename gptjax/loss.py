@@ -33,7 +33,7 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Per-token cross-entropy [B, T] in nats (f32): logsumexp(logits) - logits[target].
 
     (A one-hot mask and sum instead of the gather measured 1.35x slower on XLA:CPU for the
-    quickstart head, forward + backward; see docs/performance.md.)
+    cpu_small head, forward + backward; see docs/performance.md.)
     """
     logits_BTV = logits_BTV.astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]

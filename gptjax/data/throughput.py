@@ -1,6 +1,6 @@
 """Measure the data pipeline: prepare throughput and loader throughput (report, not a test).
 
-    python -m gptjax.data.throughput configs/quickstart.yaml [key=value ...] [--fresh]
+    python -m gptjax.data.throughput configs/cpu_small.yaml [key=value ...] [--fresh]
         [--steps 50] [--batch-size B --seq-len T]
 
 Prints one JSON object: the prepare stages (documents written, tokenizer trained, tokens packed)
