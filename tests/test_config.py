@@ -9,7 +9,7 @@ from gptjax import config
 def test_yaml_plus_dotted_overrides():
     cfg = config.load(ROOT / "configs" / "quickstart.yaml", ["model.n_layer=6", "optim.lr=1e-3"])
     assert cfg.model.n_layer == 6 and cfg.optim.lr == 1e-3
-    assert cfg.model.d_model == 256  # from the file
+    assert cfg.model.d_model == 128  # from the file
     assert cfg.checkpoint.async_ is True
     assert config.load(None, ["checkpoint.async=false"]).checkpoint.async_ is False
 
