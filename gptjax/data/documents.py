@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptjax.data import corpus
+import gptjax.data.corpus as corpus
 from gptjax.data.corpus import DataError
 
 BUILDER_NAME = "gptjax_documents"

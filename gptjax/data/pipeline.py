@@ -37,11 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+import gptjax.data.batch as batch_module
+import gptjax.data.chat as chat
+import gptjax.data.documents as docs_module
+import gptjax.data.sharing as sharing
+import gptjax.data.tokenizer as tok
 from gptjax.config import DataConfig
-from gptjax.data import batch as batch_module
-from gptjax.data import chat, sharing
-from gptjax.data import documents as docs_module
-from gptjax.data import tokenizer as tok
 from gptjax.data.corpus import DataError
 from gptjax.data.packed import PackedWindows, WindowWriter
 

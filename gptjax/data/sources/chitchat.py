@@ -12,7 +12,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-from gptjax.data import chat, corpus
+import gptjax.data.chat as chat
+import gptjax.data.corpus as corpus
 from gptjax.data.corpus import DataError
 
 

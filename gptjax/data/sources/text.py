@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptjax.data import corpus
+import gptjax.data.corpus as corpus
 
 
 def documents(argument: str):

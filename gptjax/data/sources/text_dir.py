@@ -3,7 +3,7 @@ file alone is cut into pieces like `text:FILE`."""
 
 from __future__ import annotations
 
-from gptjax.data import corpus
+import gptjax.data.corpus as corpus
 
 
 def documents(argument: str):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import gptjax.data.documents as documents
 from gptjax.config import DataConfig
-from gptjax.data import documents
 
 
 def open(argument: str, cfg: DataConfig) -> documents.Documents:  # noqa: A001 - the source API
