@@ -42,3 +42,35 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def run_processes(args_per_rank: list[list[str]], timeout: float = 240) -> list[tuple[int, str]]:
+    """`python -m gptjax ARGS` as processes 0..n-1 of one job (explicit GPTJAX_* variables, one
+    CPU device each, gloo); process i gets args_per_rank[i]. Returns [(exit code, stderr)] per
+    process. A hang fails the test (TimeoutExpired) and leaves no process behind."""
+    from gptjax.launch import free_port
+
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "GPTJAX_COORDINATOR": f"127.0.0.1:{free_port()}",
+        "GPTJAX_NUM_PROCESSES": str(len(args_per_rank)),
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gptjax", *args],
+            env={**env, "GPTJAX_PROCESS_ID": str(rank)},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, args in enumerate(args_per_rank)
+    ]
+    try:
+        errs = [process.communicate(timeout=timeout)[1] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    return [(p.returncode, err) for p, err in zip(processes, errs, strict=True)]

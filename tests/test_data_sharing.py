@@ -6,15 +6,10 @@ run bounded by a timeout that fails the test.
 The oracle for "who prepared": a one-file corpus says how it was cut ("... is one file ...") when,
 and only when, a process writes its documents."""
 
-import os
 import random
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
-
-from gptjax.launch import free_port
+from conftest import ROOT, run_processes
 
 CONFIG = str(ROOT / "configs" / "debug.yaml")
 WORDS = "the of and to in is was for on that with as by at from def return import class".split()
@@ -28,35 +23,12 @@ def write_book(path, lines: int) -> str:
 
 
 def two_processes(tmp_path, caches, *overrides, timeout=240) -> list[tuple[int, str]]:
-    """`gptjax train` as processes 0 and 1 of one job (explicit variables), process i with
-    data.cache_dir=caches[i]; returns [(exit code, stderr)] per process."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "GPTJAX_COORDINATOR": f"127.0.0.1:{free_port()}",
-        "GPTJAX_NUM_PROCESSES": "2",
-    }
-    args = [f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.eval_every=0"]
+    """`gptjax train` as processes 0 and 1 of one job, process i with data.cache_dir=caches[i];
+    returns [(exit code, stderr)] per process."""
+    args = ["train", CONFIG, f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.eval_every=0"]
     args += ["checkpoint.every=0", "data.vocab_size=320", "distributed.heartbeat_timeout=20"]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gptjax", "train", CONFIG, *args, *overrides]
-            + [f"data.cache_dir={caches[rank]}", "--no-progress"],
-            env={**env, "GPTJAX_PROCESS_ID": str(rank)},
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        errs = [process.communicate(timeout=timeout)[1] for process in processes]
-    finally:  # a hang fails the test (TimeoutExpired) and leaves no process behind
-        for process in processes:
-            process.kill()
-            process.wait()
-    return [(p.returncode, err) for p, err in zip(processes, errs, strict=True)]
+    args += [*overrides, "--no-progress"]
+    return run_processes([[*args, f"data.cache_dir={cache}"] for cache in caches], timeout)
 
 
 def packed(cache) -> list[str]:

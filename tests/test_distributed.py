@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli, tiny_config
+from conftest import ROOT, run_cli, run_processes, tiny_config
 
 from gptjax import distributed
 from gptjax.distributed import DistributedError, first_host, resolve
@@ -271,34 +271,11 @@ def test_a_missing_coordinator_is_one_line_after_init_timeout(tmp_path):
 @pytest.mark.multiprocess
 def test_different_configs_are_refused(tmp_path, cache_dir):
     """Two processes started by hand (explicit variables) with different overrides."""
-    port = free_port()
-    base = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "GPTJAX_COORDINATOR": f"127.0.0.1:{port}",
-        "GPTJAX_NUM_PROCESSES": "2",
-    }
-    processes = []
-    for rank, steps in ((0, 10), (1, 12)):
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "gptjax", "train", "configs/debug.yaml"]
-                + [f"run_dir={tmp_path}", f"data.cache_dir={cache_dir}", f"train.steps={steps}"]
-                + ["distributed.init_timeout=60", "distributed.heartbeat_timeout=10"],
-                env={**base, "GPTJAX_PROCESS_ID": str(rank)},
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        results = [process.communicate(timeout=120) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    for process, (_, err) in zip(processes, results, strict=True):
-        assert process.returncode == 2, err[-2000:]
+    args = ["train", "configs/debug.yaml", f"run_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
+    args += ["distributed.init_timeout=60", "distributed.heartbeat_timeout=10"]
+    results = run_processes([[*args, "train.steps=10"], [*args, "train.steps=12"]], timeout=120)
+    for code, err in results:
+        assert code == 2, err[-2000:]
         assert "gptjax: error: the 2 processes were started with different configs" in err
         assert "train.steps is 12 in process 1 but 10 in process 0" in err
         assert "Traceback" not in err

@@ -12,10 +12,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_cli, tiny_config
+from conftest import ROOT, run_cli, run_processes, tiny_config
 
 from gptjax import runlock, train
-from gptjax.launch import free_port
 from gptjax.runlock import RunLockError
 
 HOST = socket.gethostname()
@@ -187,32 +186,13 @@ def test_with_two_processes_both_stop_when_the_run_is_held(tmp_path, cache_dir):
     run.mkdir()
     lock = runlock.acquire(run)  # held by this (live) test process
     held = lock_of(run)
-    base = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "GPTJAX_COORDINATOR": f"127.0.0.1:{free_port()}",
-        "GPTJAX_NUM_PROCESSES": "2",
-    }
-    argv = [sys.executable, "-m", "gptjax", "train", CONFIG, f"run_dir={run}"]
-    argv += [f"data.cache_dir={cache_dir}", "distributed.heartbeat_timeout=10", "--no-progress"]
-    processes = [
-        subprocess.Popen(
-            argv,
-            env={**base, "GPTJAX_PROCESS_ID": str(rank)},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
+    args = ["train", CONFIG, f"run_dir={run}", f"data.cache_dir={cache_dir}"]
+    args += ["distributed.heartbeat_timeout=10", "--no-progress"]
     try:
-        results = [process.communicate(timeout=180) for process in processes]
+        results = run_processes([args, args], timeout=180)
     finally:
-        for process in processes:
-            process.kill()
         lock.release()
-    for process, (_, err) in zip(processes, results, strict=True):
-        assert process.returncode == 2, err[-2000:]
+    for code, err in results:
+        assert code == 2, err[-2000:]
         assert err.strip().splitlines()[-1] == f"gptjax: error: {refusal(run, held)}"
     assert sorted(p.name for p in run.iterdir()) == []  # nothing written
