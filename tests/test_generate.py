@@ -180,10 +180,14 @@ def test_rows_stop_at_the_end_of_document_token(tiny):
     free, _ = run(setup, params, prompts, 20)
     at = next(i for i, t in enumerate(free[1]) if i > 0 and t not in free[1][:i])
     eod = free[1][at]  # the first new token of row 1 not seen before: "the end of document"
-    stopped, reasons = run(setup, params, prompts, 20, eod_id=eod)
-    assert stopped[1] == free[1][:at] and reasons[1] == "eod"
     cut = free[0].index(eod) if eod in free[0] else 20
-    assert stopped[0] == free[0][:cut]
+    unused = next(t for t in range(setup.cfg.model.vocab_size) if t not in free[0] + free[1])
+    # one stop id, or several (end of document, end of turn): any of them ends the row
+    for eod_id in (eod, [unused, eod], [eod, unused, unused, unused]):
+        stopped, reasons = run(setup, params, prompts, 20, eod_id=eod_id)
+        assert stopped[1] == free[1][:at] and reasons[1] == "eod"
+        assert stopped[0] == free[0][:cut]
+    assert run(setup, params, prompts, 20, eod_id=[unused, unused])[0] == free  # no stop met
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_chunks_and_batch(tiny):
@@ -200,8 +204,8 @@ def test_seeded_sampling_is_reproducible_and_independent_of_chunks_and_batch(tin
 
 
 def test_a_second_call_in_the_same_bucket_compiles_nothing(tiny):
-    """Prompt lengths in the same bucket, other sampling settings, seed and max_new_tokens: no
-    compilation at all (counted from jax's compile log)."""
+    """Prompt lengths in the same bucket, other sampling settings, seed, max_new_tokens and stop
+    ids: no compilation at all (counted from jax's compile log)."""
     setup, params = tiny
     compiles = []
 
@@ -222,6 +226,9 @@ def test_a_second_call_in_the_same_bucket_compiles_nothing(tiny):
             hot, warm = Sampling(0.7, 5, 0.5), Sampling(1.3, 0, 0.9)
             run(setup, params, prompts_of(17, 32, seed=5), 7, hot, chunk=4, seed=3)
             run(setup, params, prompts_of(31, 18, seed=6), 12, warm, chunk=4)
+            # any number of stop ids (a completion: one; a chat turn: two) is the same program
+            run(setup, params, prompts_of(20, 30, seed=7), 5, warm, chunk=4, eod_id=3)
+            run(setup, params, prompts_of(20, 30, seed=7), 5, warm, chunk=4, eod_id=[3, 4, 5])
     finally:
         logging.getLogger("jax").removeHandler(handler)
     assert "Compiling jit(_prefill)" in first and "Compiling jit(_decode)" in first

@@ -44,6 +44,8 @@ from gptjax import model, sharding, steps
 from gptjax.config import ConfigError
 from gptjax.data import tokenizer as tok
 
+MAX_STOP_IDS = 4  # token ids that end a row (end of document, end of turn, ...): a fixed width
+
 MIN_BUCKET = 16
 FINISH = {1: "eod", 2: "length", 3: "context"}  # the device's reason codes (0: running)
 
@@ -200,8 +202,8 @@ def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: i
         token = _choose(state["logits"], keys, settings, vocab)
         new = state["new"] + active
         length = state["length"] + active
-        stop_ids = jnp.atleast_1d(settings["eod"])  # the end-of-document token and others
-        ends = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+        # the end-of-document token and others (settings["eod"], padded with -1)
+        ends = jnp.any(token[:, None] == settings["eod"][None, :], axis=1)
         reason = jnp.select(
             [ends, new >= settings["max_new"], length >= seq_len],
             [1, 2, 3],
@@ -331,7 +333,12 @@ class Generator:
         settings = {k: put(v, self._rows) for k, v in settings.items()}
         settings["seed"] = put(np.int32(seed), self._scalar)
         stop_ids = [] if eod_id is None else [eod_id] if isinstance(eod_id, int) else eod_id
-        settings["eod"] = put(np.array([-1, *stop_ids], np.int32), self._scalar)
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ConfigError(f"{len(stop_ids)} stop ids: at most {MAX_STOP_IDS}")
+        # a fixed width (-1 pads: never a token), so any number of stop ids is one program
+        eod = np.full(MAX_STOP_IDS, -1, np.int32)
+        eod[: len(stop_ids)] = stop_ids
+        settings["eod"] = put(eod, self._scalar)
         graphdef = self.setup.graphdef
         halt = np.zeros(n, bool) if halt is None else halt
 
