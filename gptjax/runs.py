@@ -141,15 +141,17 @@ def init_params(source: Path, step: int | None, setup: steps.Setup) -> Any:
 
 
 def score_held_out(run_dir: str | Path, step: int | None = None, batches: int = 0) -> dict:
-    """A run's checkpoint (newest, or `step`) scored on its held-out text: the whole validation
-    set by default, else its first `batches` batches of train.batch_size windows."""
+    """A run's checkpoint (newest, or `step`) scored on its held-out text: every validation
+    window, each once, whatever the batch size (the default), or its first `batches` batches of
+    train.batch_size windows."""
     setup, params, _ = load_run(run_dir, step)
     cfg = setup.cfg
     data = load_data(cfg, Path(run_dir))
     eval_step = steps.make_eval_step(setup, data.token_bytes)
-    n_batches = batches or max(1, len(data.val) // cfg.train.batch_size)
-    result = steps.evaluate(setup, eval_step, params, data, n_batches)
-    result["eval_tokens"] = n_batches * cfg.train.batch_size * cfg.model.seq_len
+    size = cfg.train.batch_size
+    windows = batches * size if batches else len(data.val)
+    result = steps.evaluate(setup, eval_step, params, data, -(-windows // size), windows)
+    result["eval_tokens"] = windows * cfg.model.seq_len  # the held-out tokens read
     return result
 
 

@@ -291,14 +291,24 @@ def global_batch(setup: Setup, rows_fn, batch_size: int) -> dict[str, jax.Array]
     return data_loader.assemble(setup.batch_sharding, shape, rows_fn)
 
 
-def evaluate(setup: Setup, eval_step, params, data, n_batches: int) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte over `n_batches` fixed batches."""
+def evaluate(
+    setup: Setup, eval_step, params, data, n_batches: int, windows: int | None = None
+) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte over `n_batches` fixed batches; with
+    `windows`, over exactly the first `windows` held-out windows (rows past them in the last
+    batch are read but not scored)."""
     batch_size = setup.cfg.train.batch_size
+
+    def rows(k, start, stop):
+        batch = data.val_batch(k, batch_size, start, stop)
+        if windows is not None:
+            past = k * batch_size + np.arange(start, stop) >= windows
+            batch["loss_mask"] = batch["loss_mask"] * (~past)[:, None]
+        return batch
+
     totals = np.zeros(3)
     for k in range(n_batches):
-        batch = global_batch(
-            setup, lambda a, b, k=k: data.val_batch(k, batch_size, a, b), batch_size
-        )
+        batch = global_batch(setup, lambda a, b, k=k: rows(k, a, b), batch_size)
         totals += np.array([float(x) for x in eval_step(params, batch)])
     loss_sum, tokens, n_bytes = totals
     loss = loss_sum / max(tokens, 1)

@@ -11,6 +11,7 @@ gptjax sweep emit slurm|k8s SPEC  a SLURM array script / Kubernetes Indexed Job
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -24,7 +25,7 @@ def _plan(args) -> int:
 
     sweep = spec.load(args.spec)
     rows = [runs.result_row(run, runs.read_state(run)) for run in sweep.runs]
-    rate, source = _rate(rows, args.flops_per_second)
+    rate, source = _rate(rows, args.flops_per_second, sweep)
     for row in rows:
         left = row["flops"] * (1 - row["step"] / row["steps"]) if row["steps"] else 0
         row["seconds_left"] = left / rate
@@ -68,7 +69,7 @@ def _plan_row(row: dict, run) -> dict:
     return {"index": run.index, "label": run.label, "run_dir": str(run.directory), **row}
 
 
-def _rate(rows: list[dict], given: float | None) -> tuple[float, str]:
+def _rate(rows: list[dict], given: float | None, sweep) -> tuple[float, str]:
     """FLOP/s per run: given, else measured on this sweep's finished runs, else assumed."""
     if given:
         return given, f"{given:.3g} FLOP/s given"
@@ -77,8 +78,10 @@ def _rate(rows: list[dict], given: float | None) -> tuple[float, str]:
         rate = sum(r["flops"] for r in done) / sum(r["wall_seconds"] for r in done)
         return rate, f"{rate / 1e9:.3g} GFLOP/s per run, measured on {len(done)} finished runs"
     from gptjax import metrics
+    from gptjax.data.pipeline import cache_root
 
-    peak, where = metrics.peak_flops()
+    # the peak measured once per machine and cached, as training does
+    peak, where = metrics.peak_flops(None, cache_root(sweep.runs[0].config.data))
     return ASSUMED_MFU * peak, f"assumed {ASSUMED_MFU:.0%} of {peak / 1e9:.4g} GFLOP/s ({where})"
 
 
@@ -181,13 +184,20 @@ def _report(args) -> int:
     for name in ("metric", "params", "bootstrap", "holdout"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(options, name))
-    if sweep.spec.score == "held_out":
-        for run in sweep.runs:
-            state = runs.read_state(run, "held_out")
-            if state.status == "finished" and state.eval_loss is None:
-                print(f"scoring {run.name} on the whole held-out set", file=sys.stderr, flush=True)
-                runs.score_held_out(run)
-    rows = [runs.result_row(run, runs.read_state(run, sweep.spec.score)) for run in sweep.runs]
+    rows = []
+    for run in sweep.runs:
+        state = runs.read_state(run, sweep.spec.score)
+        if (
+            sweep.spec.score == "held_out"
+            and state.status == "finished"
+            and state.eval_loss is None
+        ):
+            print(f"scoring {run.name} on the whole held-out set", file=sys.stderr, flush=True)
+            score = runs.score_held_out(run)
+            state = dataclasses.replace(
+                state, eval_loss=score["eval_loss"], eval_bpb=score["eval_bpb"]
+            )
+        rows.append(runs.result_row(run, state))
     path = report.write_csv(rows, sweep.directory / "results.csv")
     if not args.json:
         print(report.format_table(rows))

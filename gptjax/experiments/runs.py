@@ -7,7 +7,7 @@ files the sweep keeps beside them:
     sweep.jsonl    one line per attempt: {"host", "started", "seconds", "cpu_seconds",
                    "returncode", "error"}
     held_out.json  (spec `score: held_out`) the finished run scored on the whole held-out set:
-                   {"step", "eval_loss", "eval_ppl", "eval_bpb", "eval_tokens"}
+                   {"eval_loss", "eval_ppl", "eval_bpb", "eval_tokens"}
 
 Status, from the disk alone (so any process, on any host, can read it):
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptjax import runlock
+from gptjax import atomic, runlock
 from gptjax.experiments.spec import Run, run_numbers
 
 STATUSES = ("finished", "running", "interrupted", "failed", "pending")
@@ -169,14 +169,13 @@ def _total(values) -> float | None:
 
 
 def held_out_score(run: Run) -> dict[str, Any] | None:
-    """The run's held-out score at its final step, if one was written."""
+    """The finished run's held-out score, if one was written (train.steps is part of the run's
+    name, so the final checkpoint it scored is the run's only final checkpoint)."""
     try:
         score = json.loads((run.directory / HELD_OUT).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if not isinstance(score, dict) or score.get("step") != run.config.train.steps:
-        return None  # e.g. of an earlier, shorter run of the same directory: score again
-    return score
+    return score if isinstance(score, dict) else None
 
 
 def score_held_out(run: Run) -> dict[str, Any]:
@@ -184,11 +183,8 @@ def score_held_out(run: Run) -> dict[str, Any]:
     held_out.json (written whole: a reader never sees half of it)."""
     from gptjax import runs as run_dirs  # jax and the model: only when a score is needed
 
-    score = {"step": run.config.train.steps}
-    score |= run_dirs.score_held_out(run.directory, run.config.train.steps)
-    scratch = run.directory / f".{HELD_OUT}.tmp"
-    scratch.write_text(json.dumps(score) + "\n")
-    scratch.replace(run.directory / HELD_OUT)
+    score = run_dirs.score_held_out(run.directory, run.config.train.steps)
+    atomic.write_file(run.directory / HELD_OUT, json.dumps(score) + "\n")
     return score
 
 
