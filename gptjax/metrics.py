@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gptjax import atomic
 from gptjax.config import ModelConfig
 from gptjax.model import param_counts  # counted from the model's own shapes
 
@@ -95,11 +96,8 @@ def cpu_peak(cache_dir: Path | None = None) -> tuple[float, str]:
             return float(record["flops"]), f"measured f32 matmul, cached in {path}"
     flops = measure_cpu_peak()
     record = {"machine": machine, "flops": flops, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:  # written whole under a temporary name, then renamed: readers never see half a file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(record, indent=1) + "\n")
-        temporary.replace(path)
+    try:
+        atomic.write_file(path, json.dumps(record, indent=1) + "\n")
     except OSError:
         return flops, "measured f32 matmul (cache not writable)"
     return flops, f"measured f32 matmul, cached in {path}"

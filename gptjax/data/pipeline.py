@@ -42,6 +42,7 @@ import gptjax.data.chat as chat
 import gptjax.data.documents as docs_module
 import gptjax.data.sharing as sharing
 import gptjax.data.tokenizer as tok
+from gptjax import atomic
 from gptjax.config import DataConfig
 from gptjax.data.corpus import DataError
 from gptjax.data.packed import PackedWindows, WindowWriter
@@ -101,10 +102,7 @@ def _trained_tokenizer(
         )
     texts = _sample_texts(train_documents, _is_chat(cfg))
     model = tok.train(texts, cfg.vocab_size, cfg.tokenizer_sample_bytes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
-    scratch.write_bytes(model)
-    os.replace(scratch, path)
+    atomic.write_file(path, model)
     return model
 
 

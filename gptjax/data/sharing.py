@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from gptjax import atomic
 from gptjax.data.corpus import DataError
 
 T = TypeVar("T")
@@ -34,12 +35,6 @@ def _allgather(value: int) -> list[int]:
     from jax.experimental import multihost_utils
 
     return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value)))]
-
-
-def _write(path: Path, text: str) -> None:
-    scratch = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    scratch.write_text(text)
-    os.replace(scratch, path)  # readers never see a half-written result
 
 
 def prepare_once(root: Path, prepare: Callable[[], T]) -> T:
@@ -82,7 +77,7 @@ def prepare_once(root: Path, prepare: Callable[[], T]) -> T:
             log.info("process %d prepares the data cache %s; %s wait for it", me, root, others)
         attempt()
         if len(group) > 1:
-            _write(done, json.dumps({"error": error}))
+            atomic.write_file(done, json.dumps({"error": error}))
     else:
         while not done.exists():  # a dead leader ends the job through JAX's heartbeat
             time.sleep(POLL_S)

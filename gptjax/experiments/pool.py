@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from gptjax import distributed, launch
+from gptjax import atomic, distributed, launch
 from gptjax.experiments import runs as run_files
 from gptjax.experiments.spec import Run, Sweep, SweepError
 
@@ -37,12 +37,7 @@ def config_path(run: Run) -> Path:
 
 def write_config(run: Run) -> Path:
     """Write config_path(run) atomically (several processes of one run may write it at once)."""
-    path = config_path(run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    scratch.write_text(run.config.to_yaml())
-    os.replace(scratch, path)
-    return path
+    return atomic.write_file(config_path(run), run.config.to_yaml())
 
 
 def train_argv(run: Run, overrides: list[str]) -> list[str]:
