@@ -270,7 +270,6 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._finish()
-        self.manager.wait_until_finished()
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Only the parameters of `step` (default newest), onto the shardings in
