@@ -138,7 +138,7 @@ def test_greedy_with_the_cache_equals_full_recompute(tiny):
         "max_new": np.full(1, 64, np.int32),
         "row": np.zeros(1, np.int32),
         "seed": np.int32(0),
-        "eod": np.int32(-1),
+        "eod": np.full(generate.MAX_STOP_IDS, -1, np.int32),  # no stop id
     }
     tokens = np.zeros((1, 16), np.int32)
     tokens[0, -9:] = prompt
