@@ -163,7 +163,7 @@ class Context(NamedTuple):
 def attention(p, h_BTD, cfg: ModelConfig, where: Context, kv=None):
     """Multi-head causal self-attention. `kv` = (k, v, layer): the whole cache's keys and
     values [L, B, N, S, H] and this layer's index, or None; returns (output [B, T, D], the
-    updated (k, v, layer) or None). The new keys and values are written in place (one slice of
+    updated whole-cache (k, v) or None). The new keys and values are written in place (one slice of
     the whole cache), so a decode step moves no more of the cache than attention reads."""
     dt = jnp.dtype(cfg.dtype)
     qkv = jnp.einsum("btd,dcnh->btcnh", h_BTD, p["qkv_w"]) + p["qkv_b"]
@@ -176,7 +176,7 @@ def attention(p, h_BTD, cfg: ModelConfig, where: Context, kv=None):
         v_all = jax.lax.dynamic_update_slice(v_all, v.swapaxes(1, 2)[None].astype(v_all.dtype), at)
         k_all = constrain(k_all, CACHE_AXES["k"])
         v_all = constrain(v_all, CACHE_AXES["v"])
-        kv = (k_all, v_all, layer)
+        kv = (k_all, v_all)
         k = constrain(k_all[layer], CACHE_AXES["k"][1:])
         v = constrain(v_all[layer], CACHE_AXES["v"][1:])
         T, S = q.shape[1], k.shape[2]
@@ -220,7 +220,8 @@ def mlp(p, h_BTD, cfg: ModelConfig):
 def block(p: dict[str, jax.Array], x_BTD, cfg: ModelConfig, where: Context, kv=None, key=None):
     """One pre-LayerNorm GPT-2 block on one layer's parameters `p` (no layers axis).
 
-    Returns (x [B, T, D], the layer's updated cache (k, v), or None without a cache)."""
+    `kv`: (k, v, layer) as for attention(). Returns (x [B, T, D], the updated whole-cache
+    (k, v), or None without a cache)."""
     dt = jnp.dtype(cfg.dtype)
     keys = jax.random.split(key, 2) if key is not None else (None, None)
     cast = {name: value.astype(dt) for name, value in p.items()}
@@ -285,7 +286,7 @@ class GPT(nnx.Module):
             x, kv = carry
             p, layer_key, index = layer
             x, kv = block(p, x, cfg, where, None if kv is None else (*kv, index), layer_key)
-            return (x, None if kv is None else kv[:2]), None
+            return (x, kv), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
