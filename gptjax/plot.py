@@ -54,15 +54,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     if not any("loss" in r for r in records):
         raise PlotError(f"{Path(run_dir) / 'metrics.jsonl'} has no train records yet")
-    try:
-        import matplotlib
-    except ImportError:
-        raise PlotError(
-            "gptjax plot needs matplotlib: pip install 'gptjax[plot]' (or matplotlib)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("gptjax plot needs matplotlib: pip install 'gptjax[plot]' (or matplotlib)")
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
     figure, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     for ax, (title, keys) in zip(axes.flat, PANELS, strict=True):
@@ -79,6 +71,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("step")
     figure.suptitle(str(Path(run_dir).resolve().name))
     return save_figure(figure, out, plt)
+
+
+def pyplot(missing: str):
+    """matplotlib.pyplot on the Agg backend (no display needed); PlotError `missing` (the line
+    that says how to install it) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError(missing) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(figure, out: Path, plt) -> Path:

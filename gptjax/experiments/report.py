@@ -20,7 +20,7 @@ import numpy as np
 from gptjax.experiments import fit as fits
 from gptjax.experiments.runs import RESULT_COLUMNS
 from gptjax.experiments.spec import SweepError
-from gptjax.plot import save_figure
+from gptjax.plot import pyplot, save_figure
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -56,19 +56,6 @@ def chinchilla_optimal(compute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = (alpha * c["A"] / (beta * c["B"])) ** (1 / (alpha + beta))
     n_opt = scale * (compute / 6) ** (beta / (alpha + beta))
     return n_opt, compute / (6 * n_opt)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise SweepError(
-            "plots need matplotlib: pip install 'gptjax[sweep]' (or matplotlib)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_isoflop(p: fits.Points, result: dict[str, Any], path: Path, metric: str, plt) -> Path:
@@ -141,7 +128,7 @@ def plots(rows: list[dict[str, Any]], result: dict[str, Any], out: Path) -> list
     p = fits.points(rows, result["metric"], result["params"])
     if len(p) == 0:
         return []
-    plt = _pyplot()
+    plt = pyplot("plots need matplotlib: pip install 'gptjax[sweep]' (or matplotlib)")
     out.mkdir(parents=True, exist_ok=True)
     written = [plot_frontier(p, out / "frontier.png", result["metric"], plt)]
     iso = result["isoflop"]
