@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from gptjax import distributed
+
 log = logging.getLogger("gptjax")
 
 
@@ -97,13 +99,7 @@ def _reporting_handler() -> ocp.StandardCheckpointHandler:
 
 def _processes_failing(failed_here: bool) -> list[int]:
     """The indices of the processes for which `failed_here` is True (an all-gather)."""
-    if jax.process_count() == 1:
-        return [0] if failed_here else []
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(failed_here)))
-    return [int(i) for i in np.flatnonzero(flags)]
+    return [i for i, failed in enumerate(distributed.gather_ints(failed_here)) if failed]
 
 
 class Checkpointer:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gptjax.config import Config
+from gptjax.config import Config, flatten
 
 DEFAULT_PORT = 8476
 WATCHDOG_EXIT_CODE = 3
@@ -244,20 +244,24 @@ def _comparable_yaml(cfg: Config) -> str:
     return yaml.safe_dump(raw, sort_keys=True)
 
 
+def gather_ints(value: int) -> list[int]:
+    """`value` of every process, in process order (a collective: every process must call it;
+    with one process, just [value])."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [int(value)]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value)))]
+
+
 def _first_difference(a: str, b: str) -> tuple[str, object, object]:
     """The first differing `section.key` of two configs (from _comparable_yaml) and its values."""
     import yaml
 
-    def flat(tree, prefix=""):
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    a, b = flat(yaml.safe_load(a)), flat(yaml.safe_load(b))
+    a, b = flatten(yaml.safe_load(a)), flatten(yaml.safe_load(b))
     key = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), "?")
     return key, a.get(key), b.get(key)
 

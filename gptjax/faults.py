@@ -14,7 +14,6 @@ import signal
 import sys
 
 import jax
-import numpy as np
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -92,7 +91,6 @@ class PreemptionGuard:
             return self.requested is not None
         if step % self.sync_every:
             return False
-        from jax.experimental import multihost_utils
+        from gptjax import distributed
 
-        flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
-        return bool(np.any(flags))
+        return any(distributed.gather_ints(self.requested is not None))

@@ -202,11 +202,9 @@ def hold(run_dir: str | Path) -> Iterator[Lock | None]:
         except RunLockError as refused:
             error = str(refused)
     if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
+        from gptjax import distributed
 
-        refused = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
-        if refused.any() and error is None:
+        if any(distributed.gather_ints(error is not None)) and error is None:
             path = Path(run_dir) / LOCK_NAME
             try:
                 holder = _read(path)[1] or {}

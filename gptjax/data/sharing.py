@@ -29,23 +29,17 @@ POLL_S = 0.5
 log = logging.getLogger("gptjax")
 
 
-def _allgather(value: int) -> list[int]:
-    """`value` of every process, in process order (a collective: every process must call it)."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value)))]
-
-
 def prepare_once(root: Path, prepare: Callable[[], T]) -> T:
     """Run `prepare` (which fills the cache under `root`) so that processes sharing `root` run it
     once, and return its result on every process; DataError on every process if any failed."""
     import jax
 
+    from gptjax import distributed  # here: distributed imports config, which imports data
+
     if not jax.distributed.is_initialized() or jax.process_count() == 1:
         return prepare()
     me, count = jax.process_index(), jax.process_count()
-    nonce = _allgather(int.from_bytes(os.urandom(4), "little") >> 1)[0]  # process 0's
+    nonce = distributed.gather_ints(int.from_bytes(os.urandom(4), "little") >> 1)[0]  # process 0's
     name = f".gptjax-share-{nonce}"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -53,9 +47,9 @@ def prepare_once(root: Path, prepare: Callable[[], T]) -> T:
         writable = 1
     except OSError as error:
         writable, reason = 0, f"data cache {root} is not writable: {error.strerror}"
-    _allgather(0)  # every probe is written
+    distributed.gather_ints(0)  # every probe is written
     group = [i for i in range(count) if (root / f"{name}-probe-{i}").exists()] or [me]
-    _allgather(0)  # every process has looked
+    distributed.gather_ints(0)  # every process has looked
     (root / f"{name}-probe-{me}").unlink(missing_ok=True)
     leader = group[0]
 
@@ -84,7 +78,7 @@ def prepare_once(root: Path, prepare: Callable[[], T]) -> T:
         error = json.loads(done.read_text())["error"]
         if error is None:
             attempt()  # opens what the leader wrote
-    failed = [i for i, flag in enumerate(_allgather(error is not None)) if flag]
+    failed = [i for i, flag in enumerate(distributed.gather_ints(error is not None)) if flag]
     if leader == me and len(group) > 1:
         done.unlink(missing_ok=True)
     if raised is not None:
