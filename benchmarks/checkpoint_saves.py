@@ -26,7 +26,9 @@ import jax
 
 jax.config.update("jax_platforms", "cpu")
 
-from gptjax import checkpoint, config, steps  # noqa: E402
+from gptjax import config  # noqa: E402
+from gptjax.core import steps  # noqa: E402
+from gptjax.training import checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,8 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gptjax import config, model, steps  # noqa: E402
+from gptjax import config  # noqa: E402
+from gptjax.core import model, steps  # noqa: E402
 from gptjax.inference import generate  # noqa: E402
 
 

@@ -18,7 +18,8 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX backend starts
 jax.config.update("jax_platforms", "cpu")
 
-from gptjax import bench, config  # noqa: E402
+from gptjax import config  # noqa: E402
+from gptjax.tools import bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1)]

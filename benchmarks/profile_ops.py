@@ -23,7 +23,9 @@ os.environ["XLA_FLAGS"] = (
 
 import jax  # noqa: E402
 
-from gptjax import bench, config, steps  # noqa: E402
+from gptjax import config  # noqa: E402
+from gptjax.core import steps
+from gptjax.tools import bench
 
 
 def main() -> None:

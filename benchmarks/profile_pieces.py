@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import bench, config, loss, model, steps
+from gptjax import config
+from gptjax.core import loss, model, steps
+from gptjax.tools import bench
 
 
 def timed(fn, *args, repeats: int) -> float:

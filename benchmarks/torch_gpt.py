@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptjax import bench, config, metrics
+from gptjax import config
+from gptjax.core import flops
+from gptjax.tools import bench
 
 DECAYED_SUFFIXES = (
     "wte.weight",
@@ -139,7 +141,7 @@ def run(cfg: config.Config, steps: int, warmup: int, dtype: str, threads: int) -
         times.append(time.perf_counter() - begin)
     B, T = cfg.train.batch_size, cfg.model.seq_len
     step_s = statistics.median(times)
-    flops_token = metrics.flops_per_token(cfg.model)
+    flops_token = flops.flops_per_token(cfg.model)
     return {
         "framework": f"torch {torch.__version__}",
         "dtype": dtype,

@@ -11,42 +11,29 @@ import logging
 import sys
 from pathlib import Path
 
-from gptjax.checkpoint import CheckpointError
 from gptjax.config import ConfigError
 from gptjax.data import DataError
-from gptjax.distributed import DistributedError
+from gptjax.errors import UserError
 from gptjax.experiments.cli import add_arguments as add_sweep_arguments
-from gptjax.faults import TrainingError
-from gptjax.interop import InteropError
-from gptjax.launch import LaunchError
-from gptjax.launch import add_arguments as add_launch_arguments
-
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    DistributedError,
-    LaunchError,
-    TrainingError,
-    InteropError,
-)
+from gptjax.tools.launch import add_arguments as add_launch_arguments
 
 
 def _train(args) -> int:
     import jax
 
-    from gptjax import config, train
+    from gptjax import config
+    from gptjax.training import loop
 
     debug = ["debug.enabled=true"] if args.debug else []
     cfg = config.load(args.config, [*args.overrides, *debug])
-    result = train.train(cfg, progress=not args.no_progress)
+    result = loop.train(cfg, progress=not args.no_progress)
     if jax.process_index() == 0:  # one summary line per run, not per process
         print(json.dumps(result))
     return 0
 
 
 def _launch(args) -> int:
-    from gptjax import launch
+    from gptjax.tools import launch
 
     return launch.run_from_args(args)
 
@@ -80,8 +67,8 @@ def _sample_devices(args):
 
 
 def _sample(args) -> int:
-    from gptjax import runs
     from gptjax.inference import generate
+    from gptjax.training import runs
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples}: use 1 or more")
@@ -145,7 +132,7 @@ def _serve(args) -> int:
 
 
 def _eval(args) -> int:
-    from gptjax import runs
+    from gptjax.training import runs
 
     print(json.dumps(runs.score_held_out(args.run_dir, args.step, args.batches)))
     return 0
@@ -157,7 +144,7 @@ def _export(args) -> int:
 
         out = hf.export_run(args.run_dir, args.out, args.step)
     else:
-        from gptjax import runs
+        from gptjax.training import runs
 
         out = runs.export(args.run_dir, args.out, args.step)
     print(json.dumps({"exported": str(out)}))
@@ -173,9 +160,10 @@ def _import(args) -> int:
 
 
 def _data_prepare(args) -> int:
-    from gptjax import config, runs
+    from gptjax import config
     from gptjax.data import pipeline
     from gptjax.data import tokenizer as tok
+    from gptjax.training import runs
 
     cfg = config.load(args.config, args.overrides)
     tokenizer = tok.find(cfg.run_dir)  # a run keeps its tokenizer
@@ -194,7 +182,8 @@ def _data_prepare(args) -> int:
 
 
 def _bench(args) -> int:
-    from gptjax import bench, config
+    from gptjax import config
+    from gptjax.tools import bench
 
     sizes = [None]
     if args.batch_sizes:
@@ -219,7 +208,7 @@ def _bench(args) -> int:
 
 
 def _plot(args) -> int:
-    from gptjax import plot
+    from gptjax.tools import plot
 
     out = plot.plot_run(args.run_dir, args.out)
     print(out)
@@ -227,7 +216,7 @@ def _plot(args) -> int:
 
 
 def _plan(args) -> int:
-    from gptjax import plan
+    from gptjax.tools import plan
 
     return plan.run(args)
 
@@ -387,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"gptjax: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

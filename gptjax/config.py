@@ -15,8 +15,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gptjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user mistake in a config file or override; the message is one line."""
 
 
@@ -158,18 +160,6 @@ class DataConfig(_Section):
         description="concat: documents joined by the end token attend across it (GPT-2/GPT-3); "
         "segments: attention and positions restart at each document",
     )
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        from gptjax.data.sources import parse  # the registry; lazy: it imports the data package
-
-        entry, _ = parse(self.source)  # one line naming the known sources when unknown
-        if entry.conversations and self.packing != "segments":
-            raise ValueError(
-                f"data.source={self.source} holds conversations: set data.packing=segments so "
-                "packed conversations never attend to each other"
-            )
-        return self
 
 
 class TrainConfig(_Section):

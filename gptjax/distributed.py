@@ -26,12 +26,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gptjax.config import Config, flatten
+from gptjax.errors import UserError
 
 DEFAULT_PORT = 8476
 WATCHDOG_EXIT_CODE = 3
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError, ValueError):
     """A broken multi-process environment or set-up; the message is one line."""
 
 

@@ -48,7 +48,7 @@ def run_processes(args_per_rank: list[list[str]], timeout: float = 240) -> list[
     """`python -m gptjax ARGS` as processes 0..n-1 of one job (explicit GPTJAX_* variables, one
     CPU device each, gloo); process i gets args_per_rank[i]. Returns [(exit code, stderr)] per
     process. A hang fails the test (TimeoutExpired) and leaves no process behind."""
-    from gptjax.launch import free_port
+    from gptjax.tools.launch import free_port
 
     env = {
         **os.environ,

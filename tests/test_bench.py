@@ -10,7 +10,9 @@ import jax
 import pytest
 from conftest import ROOT, run_cli
 
-from gptjax import bench, cli, config, metrics
+from gptjax import cli, config
+from gptjax.core import flops
+from gptjax.tools import bench
 
 BENCH_FIELDS = {
     "device_kind": str,
@@ -74,13 +76,13 @@ def test_gpt2_small_flops_per_token_by_hand():
     assert n == 124_439_808 - 786_432
     expected = 6 * n + 12 * L * H * Q * T
     assert expected == 855_166_464
-    assert metrics.flops_per_token(gpt2_small()) == expected
+    assert flops.flops_per_token(gpt2_small()) == expected
 
 
 def test_mfu_arithmetic():
     """MFU = tokens/s × FLOPs/token / peak: 400k tokens/s on one H100 is 34.6% MFU."""
-    flops = metrics.flops_per_token(gpt2_small())
-    assert math.isclose(400_000 * flops / 989e12, 0.345871, rel_tol=1e-5)
+    per_token = flops.flops_per_token(gpt2_small())
+    assert math.isclose(400_000 * per_token / 989e12, 0.345871, rel_tol=1e-5)
     assert bench.FLOPS_FORMULA.startswith("6N + 12LHQT (PaLM appendix B")
 
 
@@ -100,8 +102,8 @@ def test_bench_prints_every_field(cache_dir):
     assert report["tokens_per_s"] == pytest.approx(8 * 64 / report["step_time_median_s"])
     assert report["tokens_per_s_per_device"] == pytest.approx(report["tokens_per_s"] / 8)
     cfg = config.load(ROOT / "configs" / "debug.yaml")
-    assert report["flops_per_token"] == metrics.flops_per_token(cfg.model)
-    assert report["params"] == metrics.param_counts(cfg.model)["params"]
+    assert report["flops_per_token"] == flops.flops_per_token(cfg.model)
+    assert report["params"] == flops.param_counts(cfg.model)["params"]
     assert report["mfu"] == pytest.approx(
         report["tokens_per_s"] * report["flops_per_token"] / report["peak_flops"]
     )
@@ -170,29 +172,29 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch)
     """The CPU peak behind MFU is measured once per machine (CPU model, cores, CPU devices) and
     read back afterwards, so a busy moment cannot move it; a damaged file is measured again."""
     measured = iter([300e9, 100e9, 250e9, 200e9])  # what a loaded machine might measure
-    monkeypatch.setattr(metrics, "measure_cpu_peak", lambda: next(measured))
-    metrics.cpu_peak.cache_clear()
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda: next(measured))
+    flops.cpu_peak.cache_clear()
     devices = jax.devices()
-    assert metrics.peak_flops(devices, tmp_path)[0] == 300e9
-    metrics.cpu_peak.cache_clear()  # a new process
-    flops, source = metrics.peak_flops(devices, tmp_path)
-    assert flops == 300e9  # the cached number, not the busy 100e9
+    assert flops.peak_flops(devices, tmp_path)[0] == 300e9
+    flops.cpu_peak.cache_clear()  # a new process
+    peak, source = flops.peak_flops(devices, tmp_path)
+    assert peak == 300e9  # the cached number, not the busy 100e9
     (path,) = (tmp_path / "cpu_peak").iterdir()
     assert source == f"measured f32 matmul, cached in {path}"
     record = json.loads(path.read_text())
-    assert record["flops"] == 300e9 and record["machine"] == metrics.cpu_machine()
+    assert record["flops"] == 300e9 and record["machine"] == flops.cpu_machine()
     assert record["machine"]["devices"] == 8  # conftest's fake devices are part of the key
 
-    other = {**metrics.cpu_machine(), "devices": 4}  # another device split of the cores
-    monkeypatch.setattr(metrics, "cpu_machine", lambda: other)
-    metrics.cpu_peak.cache_clear()
-    assert metrics.peak_flops(devices, tmp_path)[0] == 100e9
+    other = {**flops.cpu_machine(), "devices": 4}  # another device split of the cores
+    monkeypatch.setattr(flops, "cpu_machine", lambda: other)
+    flops.cpu_peak.cache_clear()
+    assert flops.peak_flops(devices, tmp_path)[0] == 100e9
     assert len(list((tmp_path / "cpu_peak").iterdir())) == 2
 
     (split4,) = (p for p in (tmp_path / "cpu_peak").iterdir() if p.name.endswith("-4d.json"))
     negative = json.dumps({"machine": other, "flops": -1})
     for damaged, again in (("{not json", 250e9), (negative, 200e9)):
         split4.write_text(damaged)
-        metrics.cpu_peak.cache_clear()
-        assert metrics.peak_flops(devices, tmp_path)[0] == again
-    metrics.cpu_peak.cache_clear()
+        flops.cpu_peak.cache_clear()
+        assert flops.peak_flops(devices, tmp_path)[0] == again
+    flops.cpu_peak.cache_clear()

@@ -9,13 +9,15 @@ import pytest
 from conftest import ROOT, run_cli, tiny_config
 from test_model import random_params, small_cfg
 
-from gptjax import config, model, runs, steps, train
+from gptjax import cli, config
 from gptjax.config import ConfigError
+from gptjax.core import model, steps
 from gptjax.data import DataError, chat, load_dataset
 from gptjax.data import tokenizer as tok
 from gptjax.data.batch import from_windows
 from gptjax.data.packed import PackedWindows, WindowWriter
 from gptjax.data.sources import chitchat
+from gptjax.training import loop, runs
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -139,9 +141,16 @@ def test_bad_chat_jsonl_is_one_clear_error(tmp_path, cache_dir, line, message):
     assert not cache.exists()  # checked before anything is written
 
 
-def test_conversation_sources_need_segment_packing(tmp_path):
-    with pytest.raises(ConfigError, match="set data.packing=segments"):
-        config.load(ROOT / "configs" / "debug.yaml", [f"data.source=chat:{tmp_path}"])
+def test_conversation_sources_need_segment_packing(tmp_path, capsys):
+    """The data side's rule (the config knows no sources): one line before anything is written."""
+    cfg = config.load(ROOT / "configs" / "debug.yaml", [f"data.source=chat:{tmp_path}"])
+    with pytest.raises(DataError, match="set data.packing=segments"):
+        load_dataset(cfg.data, cfg.model.seq_len)
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    overrides = [f"data.source=chat:{tmp_path}", f"run_dir={run_dir}", f"data.cache_dir={cache}"]
+    assert cli.main(["train", "configs/debug.yaml", *overrides]) != 0
+    assert "set data.packing=segments" in capsys.readouterr().err
+    assert not run_dir.exists() and not cache.exists()
 
 
 def test_chitchat_source_alternates_user_and_assistant():
@@ -249,7 +258,7 @@ def test_packed_and_unpacked_masked_losses_are_equal(tmp_path, tokenizers):
 def source_run(tmp_path_factory, cache_dir):
     """A tiny run pretrained for 3 steps on the standard library."""
     run = tmp_path_factory.mktemp("source")
-    train.train(tiny_config(run, cache_dir, "train.steps=3", "checkpoint.every=2"), progress=False)
+    loop.train(tiny_config(run, cache_dir, "train.steps=3", "checkpoint.every=2"), progress=False)
     return run
 
 
@@ -276,7 +285,7 @@ def test_init_from_loads_the_source_parameters_and_continues_from_them(
     newest = runs.flatten(runs.load_run(source_run)[1])  # step 3 differs: @2 was honoured
     assert any(not np.array_equal(a, newest[k]) for k, a in runs.flatten(loaded).items())
 
-    result = train.train(cfg, progress=False)
+    result = loop.train(cfg, progress=False)
     tuned = tmp_path / "tuned"
     assert (tuned / "tokenizer.model").read_bytes() == (source_run / "tokenizer.model").read_bytes()
     lines = [json.loads(x) for x in (tuned / "metrics.jsonl").read_text().splitlines()]
@@ -309,8 +318,8 @@ def test_init_from_refuses_other_shapes_and_missing_runs(tmp_path, cache_dir, so
     init = f"train.init_from={source_run}"
     bad = tiny_config(tmp_path / "new", cache_dir, init, "model.n_layer=3")
     with pytest.raises(ConfigError, match=r"different parameter shapes: blocks\.fc_b \[2, 256\]"):
-        train.train(bad, progress=False)
+        loop.train(bad, progress=False)
     assert not (tmp_path / "new").exists()  # refused before anything was written
     missing = tiny_config(tmp_path / "new", cache_dir, f"train.init_from={tmp_path}/nothing")
     with pytest.raises(ConfigError, match="is not a run directory"):
-        train.train(missing, progress=False)
+        loop.train(missing, progress=False)

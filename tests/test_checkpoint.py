@@ -27,9 +27,11 @@ import pytest
 from conftest import ROOT, run_cli, tiny_config
 from flax import nnx
 
-from gptjax import checkpoint, cli, model, runs, steps, train
+from gptjax import cli
 from gptjax.config import ConfigError
+from gptjax.core import model, steps
 from gptjax.data import pipeline
+from gptjax.training import checkpoint, loop, runs
 
 STEPS = 20
 # train.eval_every=0: one evaluation at the very end (fewer compiles); log every step.
@@ -66,7 +68,7 @@ def _natural(name: str):
 
 def train_in_process(run_dir, cache_dir, *overrides, steps=STEPS):
     cfg = tiny_config(run_dir, cache_dir, f"train.steps={steps}", *COMMON, *overrides)
-    return train.train(cfg, progress=False)
+    return loop.train(cfg, progress=False)
 
 
 def start(run_dir, cache_dir, *overrides, log: Path, argv=None, env=None):
@@ -492,7 +494,7 @@ def test_other_model_shapes_are_refused_listing_every_key(reference, tmp_path, c
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     cfg = tiny_config(run, cache_dir, "model.n_layer=3", "model.d_model=128", "model.n_head=4")
     with pytest.raises(ConfigError) as error:
-        train.train(cfg, progress=False)
+        loop.train(cfg, progress=False)
     assert str(error.value) == (
         f"{run} holds a run with different parameter shapes: model.d_model (64 -> 128), "
         "model.n_head (2 -> 4), model.n_layer (2 -> 3) (blocks.fc_b [2, 256] -> [3, 512]; "

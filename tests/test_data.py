@@ -208,7 +208,8 @@ def test_a_one_file_corpus_prepares_and_says_how_it_was_split(tmp_path, kind, ca
 def test_a_one_file_corpus_trains_and_evaluates(tmp_path, capsys):
     """`text:FILE` end to end: train, then `gptjax eval` of the run gives the loss the run's own
     final evaluation logged (the same 2 held-out batches)."""
-    from gptjax import cli, train
+    from gptjax import cli
+    from gptjax.training import loop
 
     rng = random.Random(4)
     book = tmp_path / "input.txt"
@@ -223,7 +224,7 @@ def test_a_one_file_corpus_trains_and_evaluates(tmp_path, capsys):
         "train.eval_every=0",
         "checkpoint.every=0",
     )
-    result = train.train(cfg, progress=False)
+    result = loop.train(cfg, progress=False)
     assert result["final_step"] == 4 and np.isfinite(result["eval_loss"])
     assert cli.main(["eval", str(run), "--batches", str(cfg.train.eval_steps)]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

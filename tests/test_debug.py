@@ -1,4 +1,4 @@
-"""gptjax/debug.py: `--debug` runs any config on one device, finds the op and step of a NaN,
+"""gptjax/training/debug.py: `--debug` runs any config on one device, finds the op and step of a NaN,
 times each step, and `debug.no_jit` runs the model eagerly (for pdb)."""
 
 import contextlib
@@ -16,10 +16,12 @@ import yaml
 from conftest import tiny_config
 from flax import nnx
 
-from gptjax import checkpoint, cli, debug, metrics, model, steps, train
+from gptjax import cli
 from gptjax.config import ConfigError
+from gptjax.core import flops, model, steps
 from gptjax.data import loader as data_loader
 from gptjax.data import pipeline
+from gptjax.training import checkpoint, debug, loop, metrics, monitor
 
 DEBUG = ["debug.enabled=true", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0"]
 
@@ -36,7 +38,7 @@ def run_captured(cfg) -> tuple[dict, str]:
     logging.getLogger("jax").addHandler(handler)
     try:
         with contextlib.redirect_stderr(stream):
-            result = train.train(cfg, progress=False)
+            result = loop.train(cfg, progress=False)
     except Exception as error:
         error.output = stream.getvalue()
         raise
@@ -79,7 +81,7 @@ def nan_run(tmp_path_factory, cache_dir):
     cfg = tiny_config(run_dir, cache_dir, *DEBUG, "mesh.fsdp=16", "train.steps=6")
     with pytest.MonkeyPatch.context() as monkeypatch:
         poison(monkeypatch, NAN_STEP)
-        with pytest.raises(debug.NonFiniteError) as caught:
+        with pytest.raises(monitor.NonFiniteError) as caught:
             run_captured(cfg)
     return cfg, run_dir, caught.value, caught.value.output
 
@@ -104,7 +106,7 @@ def test_nan_is_traced_to_its_op_and_step(nan_run):
 
 def test_parameter_table_lists_every_parameter(nan_run):
     cfg, _, _, output = nan_run
-    total = metrics.param_counts(cfg.model)["params"]
+    total = flops.param_counts(cfg.model)["params"]
     assert f"{total:,} (" in output.split("\ntotal")[1].splitlines()[0]
     _, abstract = model.abstract(cfg.model)
     shapes = {
@@ -169,7 +171,7 @@ def test_step_times_add_up_to_the_wall_time(tmp_path, cache_dir, monkeypatch):
     assert sorted(times) == [1, 2, 3, 4, 5, 6]
     for step, t in times.items():
         # printed to 0.1 ms: six roundings of up to 0.05 ms
-        assert sum(t[p] for p in debug.PARTS) == pytest.approx(t["wall"], abs=0.3), step
+        assert sum(t[p] for p in monitor.PARTS) == pytest.approx(t["wall"], abs=0.3), step
         assert t["data"] >= 1e3 * delay["data"], step
         assert t["device"] >= 1e3 * delay["device"], step
         assert (t["eval"] >= 1e3 * delay["eval"]) if step % 3 == 0 else t["eval"] == 0, step
@@ -179,7 +181,7 @@ def test_step_times_add_up_to_the_wall_time(tmp_path, cache_dir, monkeypatch):
     # The totals are the sums of the steps (to the printed precision).
     total = re.search(r"debug: 6 steps: wall ([\d.]+) s = (.*) s \(step 1", output)
     totals = dict((n, float(v)) for n, v in re.findall(r"(\w+) (-?[\d.]+)", total[2]))
-    for part in debug.PARTS:
+    for part in monitor.PARTS:
         assert totals[part] == pytest.approx(sum(t[part] for t in times.values()) / 1e3, abs=2e-3)
     loop = float(total[1])
     assert loop == pytest.approx(sum(t["wall"] for t in times.values()) / 1e3, abs=2e-3)
@@ -202,11 +204,11 @@ def test_step_times_add_up_to_the_wall_time(tmp_path, cache_dir, monkeypatch):
     rates = [line for line in lines if "tokens_per_s" in line]
     assert [line["step"] for line in rates] == [2, 3, 4, 5, 6]  # step 1 compiled: no window
     tokens = cfg.train.batch_size * cfg.model.seq_len
-    peak = metrics.peak_flops(jax.devices()[:1], cache_dir)[0]  # as train.train found it
+    peak = flops.peak_flops(jax.devices()[:1], cache_dir)[0]  # as train.train found it
     for line in rates:
         assert line["tokens_per_s"] <= tokens / delay["device"], line
-        flops = line["tokens_per_s"] * metrics.flops_per_token(cfg.model)
-        assert line["mfu"] == pytest.approx(flops / peak, rel=1e-6)
+        achieved = line["tokens_per_s"] * flops.flops_per_token(cfg.model)
+        assert line["mfu"] == pytest.approx(achieved / peak, rel=1e-6)
 
 
 def concrete(x) -> bool:
@@ -230,7 +232,7 @@ def test_no_jit_runs_eagerly_and_stops_at_the_op(nan_run, tmp_path, cache_dir, m
 
     monkeypatch.setattr(model.GPT, "hidden", spying)
     cfg = tiny_config(tmp_path, cache_dir, *DEBUG, "debug.no_jit=true", "train.steps=6")
-    with pytest.raises(debug.NonFiniteError, match=r"^step 3: invalid value \(nan\) encountered"):
+    with pytest.raises(monitor.NonFiniteError, match=r"^step 3: invalid value \(nan\) encountered"):
         run_captured(cfg)
     assert seen and all(seen)
     assert losses(tmp_path)[0] == pytest.approx(losses(jit_dir)[0], rel=1e-5)  # step 1
@@ -238,10 +240,10 @@ def test_no_jit_runs_eagerly_and_stops_at_the_op(nan_run, tmp_path, cache_dir, m
 
 def test_finiteness_check_names_the_step():
     cfg = tiny_config("unused", "unused", "debug.enabled=true")
-    monitor = debug.StepMonitor(cfg)
-    step = monitor.wrap(lambda state, batch: (state, {"loss": jnp.float32(np.inf)}))
-    monitor.begin(0)
-    with pytest.raises(debug.NonFiniteError, match=r"step 1: non-finite \{'loss': inf\}"):
+    watch = monitor.StepMonitor(cfg)
+    step = watch.wrap(lambda state, batch: (state, {"loss": jnp.float32(np.inf)}))
+    watch.begin(0)
+    with pytest.raises(monitor.NonFiniteError, match=r"step 1: non-finite \{'loss': inf\}"):
         step(jnp.zeros(()), jnp.zeros(()))
 
 
@@ -255,7 +257,7 @@ def test_debug_refuses_several_processes(monkeypatch):
 
 def test_cli_debug_flag_turns_debug_on(monkeypatch, capsys):
     got = []
-    monkeypatch.setattr(train, "train", lambda cfg, progress: got.append(cfg) or {"ok": 1})
+    monkeypatch.setattr(loop, "train", lambda cfg, progress: got.append(cfg) or {"ok": 1})
     assert cli.main(["train", "configs/debug.yaml", "--debug", "debug.no_jit=true"]) == 0
     assert got[0].debug.enabled and got[0].debug.no_jit
     assert json.loads(capsys.readouterr().out) == {"ok": 1}

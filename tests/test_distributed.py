@@ -15,7 +15,7 @@ from conftest import ROOT, run_cli, run_processes, tiny_config
 
 from gptjax import distributed
 from gptjax.distributed import DistributedError, first_host, resolve
-from gptjax.launch import free_port
+from gptjax.tools.launch import free_port
 
 SLURM = {
     "SLURM_JOB_ID": "123456",
@@ -222,11 +222,11 @@ def process_is_gone(pid: int) -> bool:
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, cache_dir):
     """2 processes × 4 devices on mesh (2,2,2) give the losses of 1 process × 8 devices."""
-    from gptjax import train
+    from gptjax.training import loop
 
     common = [*MESH, "train.steps=10", "train.log_every=1", "checkpoint.every=0"]
     single = tmp_path / "single"
-    train.train(tiny_config(single, cache_dir, *common), progress=False)  # also warms the cache
+    loop.train(tiny_config(single, cache_dir, *common), progress=False)  # also warms the cache
 
     multi = tmp_path / "multi"
     process, log = launch(

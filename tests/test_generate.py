@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import cli, model, steps
+from gptjax import cli
 from gptjax.config import ConfigError
+from gptjax.core import model, steps
 from gptjax.inference import generate
 from gptjax.inference.generate import Sampling, filter_logits
 from tests.conftest import tiny_config

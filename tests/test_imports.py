@@ -1,7 +1,7 @@
 """No import cycle among gptjax's modules, lazy (function-level) imports included.
 
 An edge is what an import statement names: `import a.b` -> a.b, `from a.b import c` -> a.b (the
-module the statement names, as a reader of the code sees it, even when c is a submodule)."""
+module the statement names, as a reader of the code sees it) and a.b.c too when c is a module."""
 
 import ast
 
@@ -27,7 +27,7 @@ def module_graph() -> dict[str, set[str]]:
                 if node.level:  # relative: from the package `level - 1` levels up
                     parents = here.split(".")[: len(here.split(".")) - node.level + 1]
                     base = ".".join(parents + ([base] if base else []))
-                targets = [base]
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
             else:
                 continue
             graph[name] |= {t for t in targets if t in files and t != name}
@@ -68,3 +68,79 @@ def test_no_import_cycle():
     assert "gptjax.data.corpus" in graph["gptjax.data.documents"]
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
+
+
+# The layers, top (1) to bottom (6): a module imports only from layers below its own, from its
+# own package, or (the applications of layer 2, and the base modules of layer 6) from its peers.
+LAYERS = {
+    "gptjax.__main__": 1,
+    "gptjax.cli": 1,
+    "gptjax.experiments": 2,
+    "gptjax.inference": 2,
+    "gptjax.evaluation": 2,
+    "gptjax.interop": 2,
+    "gptjax.tools": 2,
+    "gptjax.training": 3,
+    "gptjax.core": 4,
+    "gptjax.data": 5,
+    "gptjax.config": 6,
+    "gptjax.distributed": 6,
+    "gptjax.errors": 6,
+    "gptjax.atomic": 6,
+    "gptjax": 6,  # the package itself: its version only
+}
+PEERS = {1, 2, 6}  # layers whose members may use each other
+
+
+def group(module: str) -> str:
+    """The entry of LAYERS a module belongs to (its longest matching prefix)."""
+    for name in sorted(LAYERS, key=len, reverse=True):
+        if module == name or module.startswith(name + ".") or name == "gptjax":
+            return name
+    raise AssertionError(module)
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that points up the layers or across them, as 'a -> b (layer m -> n)'."""
+    found = []
+    for source, targets in sorted(graph.items()):
+        here = group(source)
+        for target in sorted(targets):
+            there = group(target)
+            low, high = LAYERS[here], LAYERS[there]
+            if here == there or high > low or (high == low and low in PEERS):
+                continue
+            found.append(f"{source} -> {target} (layer {low} -> {high})")
+    return found
+
+
+def test_every_module_has_a_layer():
+    for module in module_graph():
+        assert group(module) != "gptjax" or module == "gptjax", f"{module}: add it to LAYERS"
+
+
+def test_the_layer_checker_finds_a_wrong_import():
+    graph = {
+        "gptjax.core.model": {"gptjax.training.loop", "gptjax.data.batch"},  # up; down
+        "gptjax.training.loop": {"gptjax.inference.generate"},  # up
+        "gptjax.data.pipeline": {"gptjax.core.steps"},  # up
+        "gptjax.tools.plan": {"gptjax.experiments.spec", "gptjax.core.steps"},  # peers; down
+        "gptjax.core.steps": {"gptjax.training.metrics"},  # up
+        "gptjax.training.runs": {"gptjax.core.steps", "gptjax.config"},  # down
+        "gptjax.config": {"gptjax.data.sources"},  # up
+        "gptjax.distributed": {"gptjax.config"},  # peers
+    }
+    assert violations(graph) == [
+        "gptjax.config -> gptjax.data.sources (layer 6 -> 5)",
+        "gptjax.core.model -> gptjax.training.loop (layer 4 -> 3)",
+        "gptjax.core.steps -> gptjax.training.metrics (layer 4 -> 3)",
+        "gptjax.data.pipeline -> gptjax.core.steps (layer 5 -> 4)",
+        "gptjax.training.loop -> gptjax.inference.generate (layer 3 -> 2)",
+    ]
+
+
+def test_imports_go_down_the_layers():
+    graph = module_graph()
+    assert "gptjax.core.steps" in graph["gptjax.training.loop"]  # the graph is really read
+    assert "gptjax.data.sources" in graph["gptjax.training.loop"]
+    assert violations(graph) == []

@@ -15,9 +15,11 @@ from conftest import run_cli, tiny_config
 from flax import nnx
 from test_model import random_params, small_cfg
 
-from gptjax import config, model, optim, runs, sharding, steps
+from gptjax import config
+from gptjax.core import model, optim, sharding, steps
 from gptjax.data import DataError, sources
 from gptjax.data.batch import from_windows, segments_and_positions
+from gptjax.training import runs
 
 EOD = 0
 

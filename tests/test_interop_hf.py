@@ -23,10 +23,12 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from gptjax import cli, config, runs, steps, train  # noqa: E402
+from gptjax import cli, config  # noqa: E402
+from gptjax.core import steps  # noqa: E402
 from gptjax.data import tokenizer as tok  # noqa: E402
 from gptjax.inference import generate  # noqa: E402
 from gptjax.interop import hf  # noqa: E402
+from gptjax.training import loop, runs  # noqa: E402
 
 # f32 on both sides; the two compute attention and layer norms in different orders. Measured
 # max |difference| on these models (logits up to ~8): 5.8e-6; on a random model with GPT-2
@@ -241,7 +243,7 @@ def test_fine_tuned_import_exports_to_transformers(hf_dirs, tmp_path, cache_dir,
 
     # fine-tune: resumes the imported step 0 with fresh AdamW state, on 8 devices
     before = runs.load_run(run)[1]
-    assert train.train(cfg, progress=False)["final_step"] == 3
+    assert loop.train(cfg, progress=False)["final_step"] == 3
     after = runs.load_run(run)[1]
     assert not np.allclose(np.asarray(after["wte"]), np.asarray(before["wte"]))
 
@@ -369,7 +371,7 @@ def test_gptjax_run_exports_with_its_sentencepiece_tokenizer(tmp_path, cache_dir
 
     run = tmp_path / "run"
     cfg = tiny_config(run, cache_dir, "train.eval_every=0", "checkpoint.every=0")
-    train.train(cfg, progress=False)
+    loop.train(cfg, progress=False)
     out = tmp_path / "out"
     assert cli.main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
     model, theirs = load_exported(out)

@@ -1,4 +1,4 @@
-"""gptjax/launch.py: process plans, dry runs for local/SLURM/Kubernetes, failure handling."""
+"""gptjax/tools/launch.py: process plans, dry runs for local/SLURM/Kubernetes, failure handling."""
 
 import argparse
 import os
@@ -22,8 +22,8 @@ from test_distributed import (
 )
 
 from gptjax import distributed
-from gptjax import launch as launcher
-from gptjax.launch import LaunchError
+from gptjax.tools import launch as launcher
+from gptjax.tools.launch import LaunchError
 
 INIT = re.compile(
     r"rank (\d+): jax\.distributed\.initialize\(coordinator_address='([^']+)', "

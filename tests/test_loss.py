@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gptjax import config, loss, steps
+from gptjax import config
+from gptjax.core import loss, steps
 from gptjax.data.batch import from_windows
 
 

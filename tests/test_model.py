@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import config, model
+from gptjax import config
+from gptjax.core import model
 
 
 def small_cfg(**changes):

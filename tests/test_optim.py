@@ -8,7 +8,8 @@ import optax
 import pytest
 from conftest import ROOT, tiny_config
 
-from gptjax import config, model, optim, steps
+from gptjax import config
+from gptjax.core import model, optim, steps
 from gptjax.data.batch import from_windows
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from gptjax import cli, config, plan
+from gptjax import cli, config
+from gptjax.tools import plan
 from tests.conftest import ROOT, tiny_config
 
 L, D, N, F, V, T = 2, 64, 8, 256, 512, 64  # the tiny model below
@@ -73,14 +74,14 @@ def test_gpt3_configs_match_the_paper():
         "13b": (13e9, 40, 5120, 40, 2e6, 1.0e-4),  # d_model 5120 (paper: 5140)
         "175b": (175e9, 96, 12288, 96, 3.2e6, 0.6e-4),
     }
-    from gptjax import metrics
+    from gptjax.core import flops
 
     for name, (params, layers, width, heads, batch_tokens, lr) in table.items():
         cfg = config.load(ROOT / "configs" / f"gpt3_{name}.yaml")
         m = cfg.model
         assert (m.n_layer, m.d_model, m.n_head, m.seq_len) == (layers, width, heads, 2048), name
         assert m.vocab_size == 50304 and m.dtype == "bfloat16", name
-        assert metrics.param_counts(m)["params"] == pytest.approx(params, rel=0.025), name
+        assert flops.param_counts(m)["params"] == pytest.approx(params, rel=0.025), name
         tokens = cfg.train.batch_size * m.seq_len
         assert tokens == pytest.approx(batch_tokens, rel=0.05 if name != "175b" else 0.02), name
         assert cfg.optim.lr == lr and (cfg.optim.b1, cfg.optim.b2) == (0.9, 0.95), name

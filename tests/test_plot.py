@@ -7,7 +7,8 @@ import sys
 import pytest
 from conftest import ROOT, run_cli, tiny_config
 
-from gptjax import plot, train
+from gptjax.tools import plot
+from gptjax.training import loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -79,7 +80,7 @@ def test_trained_run_plots_and_profiles(tmp_path, cache_dir):
         "train.eval_every=3",
         "train.profile_steps=[3,4]",
     )
-    train.train(cfg, progress=False)
+    loop.train(cfg, progress=False)
     traces = list((run_dir / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
     records = plot.read_metrics(run_dir)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gptjax import model, steps
+from gptjax.core import model, steps
 from gptjax.data.batch import from_windows
 
 

@@ -1,4 +1,4 @@
-"""One writer per run directory (gptjax/runlock.py): a second `train` is refused with one line
+"""One writer per run directory (gptjax/training/runlock.py): a second `train` is refused with one line
 naming the holder while the first goes on untouched; readers still read the run; the lock of a
 dead process is taken over; with several processes all of them stop together."""
 
@@ -14,8 +14,8 @@ import time
 import pytest
 from conftest import ROOT, run_cli, run_processes, tiny_config
 
-from gptjax import runlock, train
-from gptjax.runlock import RunLockError
+from gptjax.training import loop, runlock
+from gptjax.training.runlock import RunLockError
 
 HOST = socket.gethostname()
 CONFIG = str(ROOT / "configs" / "debug.yaml")
@@ -99,7 +99,7 @@ def test_a_lock_of_another_host_is_refused_naming_the_file(tmp_path):
 
 KILLED_HOLDER = """
 import sys, time
-from gptjax import runlock
+from gptjax.training import runlock
 runlock.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(600)
@@ -116,13 +116,13 @@ def test_train_takes_over_the_lock_of_a_killed_run(tmp_path, cache_dir):
         assert holder.stdout.readline() == "held\n"
         cfg = tiny_config(run, cache_dir, "train.steps=2", "train.eval_every=0")
         with pytest.raises(RunLockError, match=f"pid {holder.pid}, since"):
-            train.train(cfg, progress=False)
+            loop.train(cfg, progress=False)
         assert not (run / "checkpoints").exists()  # refused before writing anything
     finally:
         holder.kill()
         holder.wait()
     assert lock_of(run)["pid"] == holder.pid  # kill -9 left its lock behind
-    assert train.train(cfg, progress=False)["final_step"] == 2
+    assert loop.train(cfg, progress=False)["final_step"] == 2
     assert not (run / runlock.LOCK_NAME).exists()  # released at the end
 
 

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, tiny_config
 
-from gptjax import train
 from gptjax.inference import generate
 from gptjax.inference.chatbot import Chatbot, ContextError, Settings
+from gptjax.training import loop
 
 openai = pytest.importorskip("openai")
 pexpect = pytest.importorskip("pexpect")
@@ -28,7 +28,7 @@ GREEDY = Settings(max_new_tokens=12, temperature=0.0)
 def run_dir(tmp_path_factory, cache_dir):
     """A tiny run (its tokenizer reserves the role pieces, so it renders chats natively)."""
     run = tmp_path_factory.mktemp("chatrun")
-    train.train(tiny_config(run, cache_dir, "train.steps=1", "train.eval_steps=1"), progress=False)
+    loop.train(tiny_config(run, cache_dir, "train.steps=1", "train.eval_steps=1"), progress=False)
     return run
 
 

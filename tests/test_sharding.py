@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, plan, sharding, steps
 from gptjax.config import ConfigError
+from gptjax.core import model, sharding, steps
 from gptjax.data.batch import from_windows
+from gptjax.tools import plan
 from tests.conftest import tiny_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1)]

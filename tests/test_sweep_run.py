@@ -13,9 +13,10 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from gptjax import runlock, steps
-from gptjax import runs as run_dirs
+from gptjax.core import steps
 from gptjax.experiments import emit, pool, runs, spec
+from gptjax.training import runlock
+from gptjax.training import runs as run_dirs
 
 DEBUG = str(ROOT / "configs" / "debug.yaml")
 

@@ -4,7 +4,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from gptjax import config, metrics
+from gptjax import config
+from gptjax.core import flops
 from gptjax.experiments import spec
 
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -94,7 +95,7 @@ def test_isoflop_steps_spend_each_budget(tmp_path):
         per_layer = 4 * d + 3 * d * d + 3 * d + d * d + d + d * ff + ff + ff * d + d
         n = vocab * d + layers * per_layer + 2 * d
         per_token = 6 * n + 12 * layers * d * 64
-        assert metrics.flops_per_token(cfg.model) == per_token
+        assert flops.flops_per_token(cfg.model) == per_token
         exact = run.budget / (per_token * tokens_per_step)
         assert cfg.train.steps == round(exact)
         assert cfg.optim.warmup_steps == round(0.1 * cfg.train.steps)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, tiny_config
 
-from gptjax import config, steps, train
+from gptjax import config
+from gptjax.core import steps
 from gptjax.data import load_dataset
+from gptjax.training import loop
 
 
 def test_overfits_a_fixed_batch(tmp_path, cache_dir):
@@ -48,7 +50,7 @@ def read_metrics(run_dir):
 def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, cache_dir):
     overrides = ("train.steps=12", "train.log_every=1", "checkpoint.every=6", "train.eval_every=6")
     straight = tiny_config(tmp_path / "straight", cache_dir, *overrides)
-    train.train(straight, progress=False)
+    loop.train(straight, progress=False)
     run = tmp_path / "straight"
     for name in ("config.yaml", "tokenizer.model", "metrics.jsonl"):
         assert (run / name).is_file()
@@ -61,9 +63,9 @@ def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, cache_dir):
     assert set(evals[12]) >= {"eval_loss", "eval_bpb"}
 
     stopped = tiny_config(tmp_path / "resumed", cache_dir, *overrides, "train.stop_at=6")
-    assert train.train(stopped, progress=False)["final_step"] == 6
+    assert loop.train(stopped, progress=False)["final_step"] == 6
     resumed = tiny_config(tmp_path / "resumed", cache_dir, *overrides)
-    train.train(resumed, progress=False)
+    loop.train(resumed, progress=False)
     again, _ = read_metrics(tmp_path / "resumed")
     for s in range(7, 13):
         assert again[s]["loss"] == pytest.approx(steps[s]["loss"], rel=1e-6), s
@@ -102,7 +104,7 @@ def test_cli_train_sample_eval_end_to_end(tmp_path, cache_dir):
 
 def test_resume_with_other_shapes_is_refused_and_nothing_overwritten(tmp_path, cache_dir):
     cfg = tiny_config(tmp_path, cache_dir, "train.steps=2", "train.eval_every=0")
-    train.train(cfg, progress=False)
+    loop.train(cfg, progress=False)
     saved = (tmp_path / "config.yaml").read_text()
     result = run_cli(
         "train",

@@ -22,6 +22,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from gptjax.errors import UserError
+
 TEST_DIRS = {"test", "tests", "idle_test"}
 TEXT_SUFFIXES = {".txt", ".md", ".jsonl"}
 
@@ -31,7 +33,7 @@ PIECE_MAX = 1 << 20  # ... of at most this many characters (plus the rest of the
 Document = tuple[str, str]  # (name, text)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user mistake in the data (missing path, bad file); the message is one line."""
 
 

@@ -206,6 +206,9 @@ def prepare(
     """Packed windows of seq_len + 1 tokens for `cfg.source` (reused when cached); returns the
     directory. `tokenizer_path` (else cfg.tokenizer) uses that model instead of training one;
     `max_vocab` (model.vocab_size) rejects a tokenizer with more pieces."""
+    from gptjax.data.sources import check
+
+    check(cfg)
     root = cache_root(cfg)
     documents = docs_module.open_documents(cfg, root, progress)
     given = tokenizer_path or cfg.tokenizer
@@ -337,6 +340,9 @@ def load_dataset(
 ) -> Dataset:
     """Prepare (or reuse) the packed windows and open them for random access. With several
     processes, those sharing a cache directory prepare it once (gptjax/data/sharing.py)."""
+    from gptjax.data.sources import check
+
+    check(cfg)  # in every process, before any of them prepares
     directory = sharing.prepare_once(
         cache_root(cfg), lambda: prepare(cfg, seq_len, tokenizer_path, max_vocab, progress)
     )

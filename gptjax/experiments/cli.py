@@ -77,11 +77,11 @@ def _rate(rows: list[dict], given: float | None, sweep) -> tuple[float, str]:
     if done:
         rate = sum(r["flops"] for r in done) / sum(r["wall_seconds"] for r in done)
         return rate, f"{rate / 1e9:.3g} GFLOP/s per run, measured on {len(done)} finished runs"
-    from gptjax import metrics
+    from gptjax.core import flops
     from gptjax.data.pipeline import cache_root
 
     # the peak measured once per machine and cached, as training does
-    peak, where = metrics.peak_flops(None, cache_root(sweep.runs[0].config.data))
+    peak, where = flops.peak_flops(None, cache_root(sweep.runs[0].config.data))
     return ASSUMED_MFU * peak, f"assumed {ASSUMED_MFU:.0%} of {peak / 1e9:.4g} GFLOP/s ({where})"
 
 

@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from gptjax import atomic, distributed, launch
+from gptjax import atomic, distributed
 from gptjax.experiments import runs as run_files
 from gptjax.experiments.spec import Run, Sweep, SweepError
+from gptjax.tools import launch
 
 INTERRUPTED_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT}
 

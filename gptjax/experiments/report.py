@@ -20,7 +20,7 @@ import numpy as np
 from gptjax.experiments import fit as fits
 from gptjax.experiments.runs import RESULT_COLUMNS
 from gptjax.experiments.spec import SweepError
-from gptjax.plot import pyplot, save_figure
+from gptjax.tools.plot import pyplot, save_figure
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -14,7 +14,7 @@ Status, from the disk alone (so any process, on any host, can read it):
     finished     the final evaluation (step == train.steps) is in metrics.jsonl and the
                  checkpoint of that step exists
     running      a process holds sweep.lock, or `gptjax train` holds the run's train.lock
-                 (gptjax/runlock.py) and is alive (or on another host, where it cannot be
+                 (gptjax/training/runlock.py) and is alive (or on another host, where it cannot be
                  checked)
     failed       the last attempt exited non-zero; its error line is kept
     interrupted  it has trained (metrics or a checkpoint) but is not finished: a rerun resumes it
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptjax import atomic, runlock
+from gptjax import atomic
 from gptjax.experiments.spec import Run, run_numbers
+from gptjax.training import runlock
 
 STATUSES = ("finished", "running", "interrupted", "failed", "pending")
 LOCK = "sweep.lock"
@@ -181,7 +182,7 @@ def held_out_score(run: Run) -> dict[str, Any] | None:
 def score_held_out(run: Run) -> dict[str, Any]:
     """Score the finished run's final checkpoint on the whole held-out set; kept in
     held_out.json (written whole: a reader never sees half of it)."""
-    from gptjax import runs as run_dirs  # jax and the model: only when a score is needed
+    from gptjax.training import runs as run_dirs  # jax and the model: only when a score is needed
 
     score = run_dirs.score_held_out(run.directory, run.config.train.steps)
     atomic.write_file(run.directory / HELD_OUT, json.dumps(score) + "\n")

@@ -41,8 +41,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gptjax import config as config_module
-from gptjax import metrics
 from gptjax.config import Config, ConfigError
+from gptjax.core import flops
+from gptjax.errors import UserError
 
 # Settings that decide how a run executes, not what it computes: left out of the run's name and
 # free to change between attempts (`gptjax sweep run SPEC key=value` may set only these).
@@ -67,7 +68,7 @@ EXECUTION_KEYS = (
 )
 
 
-class SweepError(ConfigError):
+class SweepError(UserError):
     """A mistake in a sweep spec or a sweep command; the message is one line."""
 
 
@@ -160,14 +161,14 @@ class Sweep:
 
 def run_numbers(cfg: Config) -> dict[str, float]:
     """Parameters (gptjax's counts), training tokens and FLOPs (gptjax's FLOPs per token)."""
-    counts = metrics.param_counts(cfg.model)
+    counts = flops.param_counts(cfg.model)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.model.seq_len
     return {
         "params": counts["params"],
         "non_embedding_params": counts["non_embedding_params"],
         "tokens": tokens,
         "steps": cfg.train.steps,
-        "flops": metrics.flops_per_token(cfg.model) * tokens,
+        "flops": flops.flops_per_token(cfg.model) * tokens,
     }
 
 
@@ -255,7 +256,7 @@ def _isoflop_points(spec: Spec, base: dict[str, Any]) -> list[tuple[dict[str, An
         needed = []
         for shape in iso.shapes:
             cfg = _resolve(spec, base, shape)
-            per_step = metrics.flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
+            per_step = flops.flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
             steps = int(round(budget / per_step))
             needed.append(iso.min_steps * per_step)
             if steps >= iso.min_steps:

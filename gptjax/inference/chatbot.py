@@ -13,15 +13,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptjax import runs
 from gptjax.config import ConfigError
 from gptjax.data import chat
+from gptjax.errors import UserError
 from gptjax.inference import generate
+from gptjax.training import runs
 
 Message = chat.Message
 
 
-class ContextError(ConfigError):
+class ContextError(UserError):
     """A prompt that does not fit the model's context (the message says by how much)."""
 
 

@@ -40,8 +40,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptjax import model, sharding, steps
 from gptjax.config import ConfigError
+from gptjax.core import model, sharding, steps
 from gptjax.data import tokenizer as tok
 
 MAX_STOP_IDS = 4  # token ids that end a row (end of document, end of turn, ...): a fixed width

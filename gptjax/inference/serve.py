@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException
 
 from gptjax.config import ConfigError
 from gptjax.data import DataError, chat
+from gptjax.errors import UserError
 from gptjax.inference.chatbot import Chatbot, Piece, Settings
 
 _DONE = object()
@@ -152,6 +153,10 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=1)
     echo: bool = False
+
+
+class ServeError(UserError):
+    """The server cannot start: its address cannot be bound."""
 
 
 class RequestError(Exception):
@@ -346,7 +351,7 @@ def _finish(piece: Piece) -> str | None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A bound, listening socket (port 0: any free port); one-line ConfigError when it cannot."""
+    """A bound, listening socket (port 0: any free port); one-line ServeError when it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -355,7 +360,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as error:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     return sock
 
 

@@ -2,8 +2,10 @@
 tokenizer side in gptjax/interop/hf_tokenizer.py). Importing this package is light; the `[hf]`
 extra (safetensors, tokenizers, transformers, torch) loads only when a conversion runs."""
 
+from gptjax.errors import UserError
 
-class InteropError(ValueError):
+
+class InteropError(UserError, ValueError):
     """A directory or checkpoint gptjax cannot import or export; the message is one line."""
 
 

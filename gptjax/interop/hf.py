@@ -247,7 +247,7 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
 
 def to_gptjax(tensors: dict[str, np.ndarray], model: ModelConfig, hf_vocab: int) -> dict:
     """gptjax parameters (a nested dict of f32 arrays) from HF tensors; one line per problem."""
-    from gptjax import model as model_module
+    from gptjax.core import model as model_module
 
     tensors = {k: v for k, v in tensors.items() if not k.endswith(BUFFERS)}
     if model.tie_embeddings and "lm_head.weight" in tensors:
@@ -313,8 +313,10 @@ def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] 
     anything but the parameter shapes (e.g. model.seq_len, train.*, optim.*, data.*)."""
     import jax
 
-    from gptjax import checkpoint, config, runs, steps
+    from gptjax import config
+    from gptjax.core import steps
     from gptjax.interop import hf_tokenizer
+    from gptjax.training import checkpoint, runs
 
     directory, run_dir = Path(directory), Path(run_dir)
     if not directory.is_dir():
@@ -361,8 +363,8 @@ def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """`out`/model.safetensors + config.json + the tokenizer, from a run's checkpoint."""
-    from gptjax import runs
     from gptjax.interop import hf_tokenizer
+    from gptjax.training import runs
 
     try:
         from safetensors.numpy import save_file

@@ -24,6 +24,7 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+from gptjax.config import DataConfig
 from gptjax.data.corpus import DataError
 
 
@@ -81,3 +82,14 @@ def parse(source: str) -> tuple[Source, str]:
     if not entry.argument and colon:
         raise DataError(f"data.source={source!r}: '{name}' takes no argument")
     return entry, argument
+
+
+def check(cfg: DataConfig) -> None:
+    """The data settings a source needs, before anything is read or written: the source is
+    known and, for conversations, packed as segments (so they never attend to each other)."""
+    entry, _ = parse(cfg.source)
+    if entry.conversations and cfg.packing != "segments":
+        raise DataError(
+            f"data.source={cfg.source} holds conversations: set data.packing=segments so "
+            "packed conversations never attend to each other"
+        )

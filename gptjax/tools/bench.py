@@ -17,13 +17,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from gptjax import metrics, model, runs
-from gptjax import steps as step_library
 from gptjax.config import Config
+from gptjax.core import flops, model
+from gptjax.core import steps as step_library
 from gptjax.data import batch as batch_module
 from gptjax.data.pipeline import cache_root
+from gptjax.training import runs
 
-FLOPS_FORMULA = metrics.FLOPS_FORMULA
+FLOPS_FORMULA = flops.FLOPS_FORMULA
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 
 
@@ -81,7 +82,7 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
     """Compile, warm up and time the training step of `cfg`; returns the JSON-ready report.
 
     Units: seconds, tokens/s, FLOP/s, bytes. `mfu` = tokens/s × FLOPs/token / peak FLOP/s of
-    all devices, FLOPs/token by `FLOPS_FORMULA` (metrics.flops_per_token).
+    all devices, FLOPs/token by `FLOPS_FORMULA` (flops.flops_per_token).
     """
     if steps < 1 or warmup < 0:
         raise ValueError("bench needs steps >= 1 and warmup >= 0")
@@ -131,8 +132,8 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
 
     step_s = statistics.median(times)
     tokens_per_s = B * T / step_s
-    flops_token = metrics.flops_per_token(cfg.model)
-    peak, peak_source = metrics.peak_flops(devices, cache_root(cfg.data))
+    flops_token = flops.flops_per_token(cfg.model)
+    peak, peak_source = flops.peak_flops(devices, cache_root(cfg.data))
     memory = compiled.memory_analysis()
     estimate = None
     if memory is not None:
@@ -142,7 +143,7 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
             - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes
         )
-    counts = metrics.param_counts(cfg.model)
+    counts = flops.param_counts(cfg.model)
     report.update(
         {
             "params": counts["params"],

@@ -16,11 +16,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from gptjax import checkpoint, config, model, steps
-from gptjax.checkpoint import CheckpointError
+from gptjax import config
 from gptjax.config import Config, ConfigError
+from gptjax.core import model, steps
 from gptjax.data import Dataset, load_dataset
 from gptjax.data import tokenizer as tok
+from gptjax.training import checkpoint
+from gptjax.training.checkpoint import CheckpointError
 
 
 def read_config(run_dir: str | Path) -> Config:

@@ -1,16 +1,5 @@
-"""Single-device debug mode and the per-step monitor (watchdog, NaN hunting, time split).
-
-`gptjax train CONFIG --debug` (or `debug.enabled=true`) runs any config on the first local
-device with mesh 1×1×1 and:
-- jax_debug_nans plus a finiteness check of loss and gradient norm after every step; a NaN is
-  traced back to the operation that produced it (the step is re-run eagerly) and the step named;
-- jax_log_compiles: every compilation is logged;
-- a parameter table (path, shape, dtype, sharding, size) at start;
-- per step: its wall time split into waiting for data, the step on the device, evaluation,
-  checkpoint saves and the rest on the host (the parts add up to the wall time); at the end the
-  totals, and the run's wall time split into before the first step, the steps, and after;
-- `debug.no_jit=true`: jax.disable_jit, so `breakpoint()` inside the model stops with concrete
-  arrays.
+"""The per-step monitor every run uses: the step watchdog, and in debug mode each step's time
+split, finiteness checks and the NaN's source.
 
 Steps are named 1-based, as in metrics.jsonl: "step 12" is the update whose loss is logged as 12.
 """
@@ -19,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import math
 import os
 import sys
@@ -29,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from gptjax import distributed
-from gptjax.config import Config, ConfigError
+from gptjax.config import Config
 
 _WATCHDOG: contextvars.ContextVar[distributed.Watchdog | None] = contextvars.ContextVar(
     "gptjax_watchdog", default=None
@@ -44,68 +32,20 @@ _CLOCK: contextvars.ContextVar[tuple[float, list[float]] | None] = contextvars.C
 # The parts of a step's wall time; "host" is the rest (logging, the NaN check's copy, Python).
 PARTS = ("data", "device", "eval", "checkpoint", "host")
 
-_COMPILE_LOGGERS = ("jax._src.interpreters.pxla", "jax._src.dispatch")
-
-
-class _ShortCompileLog(logging.Filter):
-    """jax_log_compiles lists every argument's sharding; keep the first 200 characters."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith(("Compiling ", "Finished ")) and len(message) > 200:
-            record.msg, record.args = message[:200] + " ...", None
-        return True
-
-
-_SHORT = _ShortCompileLog()
-
 
 class NonFiniteError(FloatingPointError):
     """Training produced a NaN or infinity (debug mode); the message names the step and op."""
 
 
-def apply(cfg: Config) -> Config:
-    """The config debug mode runs: mesh forced to 1×1×1 (one device, one process)."""
-    if not cfg.debug.enabled:
-        return cfg
-    if distributed.resolve().num_processes > 1:
-        raise ConfigError(
-            "debug mode runs in one process on one device; start it directly, not under "
-            "the launcher or srun with several tasks"
-        )
-    return cfg.model_copy(update={"mesh": cfg.mesh.one_device()})
-
-
-def devices(cfg: Config) -> list | None:
-    """The devices to build the mesh on: the first local device in debug mode, else all."""
-    if not cfg.debug.enabled:
-        return None
-    import jax
-
-    return jax.local_devices()[:1]
-
-
 @contextlib.contextmanager
-def session(cfg: Config) -> Iterator[None]:
-    """Debug flags (NaN checks, compile logging, no-jit) and the watchdog, for one run."""
-    import jax
-
+def watching(cfg: Config) -> Iterator[None]:
+    """The step watchdog for one run and, in debug mode, the clock of its wall time split."""
     watchdog = distributed.Watchdog(cfg.train.step_timeout)
     token = _WATCHDOG.set(watchdog)
     loop: list[float] = []
     clock = _CLOCK.set((time.perf_counter(), loop) if cfg.debug.enabled else None)
     try:
-        with contextlib.ExitStack() as stack:
-            if cfg.debug.enabled:
-                stack.enter_context(jax.debug_nans(cfg.debug.nans))
-                stack.enter_context(jax.log_compiles(cfg.debug.log_compiles))
-                for name in _COMPILE_LOGGERS:
-                    logger = logging.getLogger(name)
-                    logger.addFilter(_SHORT)
-                    stack.callback(logger.removeFilter, _SHORT)
-                if cfg.debug.no_jit:
-                    stack.enter_context(jax.disable_jit())
-            yield
+        yield
     finally:
         watchdog.close()
         _WATCHDOG.reset(token)

@@ -30,12 +30,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gptjax import distributed
+from gptjax.errors import UserError
 
 GPTJAX_COMMANDS = ("train", "sample", "eval", "bench", "plan", "plot")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A launcher mistake (bad arguments, too few GPUs); the message is one line."""
 
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ConfigError, ModelConfig
-from gptjax.loss import logits as logits_of
-from gptjax.sharding import constrain
+from gptjax.core.loss import logits as logits_of
+from gptjax.core.sharding import constrain
 
 LN_EPS = 1e-5  # GPT-2's layer-norm epsilon
 

@@ -1,6 +1,6 @@
 """Measure the data pipeline: prepare throughput and loader throughput (report, not a test).
 
-    python -m gptjax.data.throughput configs/cpu_small.yaml [key=value ...] [--fresh]
+    python benchmarks/data_throughput.py configs/cpu_small.yaml [key=value ...] [--fresh]
         [--steps 50] [--batch-size B --seq-len T]
 
 Prints one JSON object: the prepare stages (documents written, tokenizer trained, tokens packed)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from gptjax import config
     from gptjax.data import pipeline
 
-    parser = argparse.ArgumentParser(prog="python -m gptjax.data.throughput", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python benchmarks/data_throughput.py", description=__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--fresh", action="store_true", help="prepare into an empty cache")

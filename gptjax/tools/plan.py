@@ -26,11 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptjax import metrics, steps
 from gptjax.config import Config, ConfigError
+from gptjax.core import flops, steps
 
 GiB = 2**30
-FLOPS_FORMULA = metrics.FLOPS_FORMULA
+FLOPS_FORMULA = flops.FLOPS_FORMULA
 
 
 # --- devices ----------------------------------------------------------------------------------
@@ -140,8 +140,8 @@ def xla_memory(setup: steps.Setup, compiled: jax.stages.Compiled | None = None):
 def plan(cfg: Config, devices: list[jax.Device], xla: bool = True) -> dict[str, Any]:
     """The plan of `cfg` on `devices` as one JSON-ready dict (bytes are per device)."""
     setup = steps.build(cfg, devices)  # every config/mesh check, before compiling
-    counts = metrics.param_counts(cfg.model)
-    per_token = metrics.flops_per_token(cfg.model)
+    counts = flops.param_counts(cfg.model)
+    per_token = flops.flops_per_token(cfg.model)
     tokens = cfg.train.batch_size * cfg.model.seq_len
     state = state_bytes(setup)
     memory = xla_memory(setup) if xla else None

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gptjax.config import ConfigError
+from gptjax.errors import UserError
 
 
-class PlotError(ConfigError):
+class PlotError(UserError):
     """A run directory that cannot be plotted, or matplotlib missing (one line)."""
 
 

@@ -26,14 +26,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from gptjax.config import ConfigError
+from gptjax.errors import UserError
 
 LOCK_NAME = "train.lock"
 UNREADABLE_GRACE_S = 5.0  # a lock file still empty after this long was left by a crash
 log = logging.getLogger("gptjax")
 
 
-class RunLockError(ConfigError):
+class RunLockError(UserError):
     """The run directory is in use by another writer; the message is one line."""
 
 

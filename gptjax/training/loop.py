@@ -1,6 +1,6 @@
 """The training loop: the only module that knows about everything.
 
-The step library (gptjax/steps.py) builds and jits the steps; this module adds the data (the
+The step library (gptjax/core/steps.py) builds and jits the steps; this module adds the data (the
 batch of step s is built per process from s alone), checkpoints, evaluation, metrics, the
 preemption guard and the profiler around them.
 """
@@ -13,12 +13,16 @@ from typing import Any
 
 import jax
 
-from gptjax import checkpoint, debug, distributed, metrics, runlock, runs, steps
+from gptjax import distributed
 from gptjax.config import Config
+from gptjax.core import flops, steps
 from gptjax.data import loader as data_loader
+from gptjax.data import sources
 from gptjax.data import tokenizer as tok
 from gptjax.data.pipeline import cache_root
-from gptjax.faults import NonFiniteSteps, PreemptionGuard
+from gptjax.training import checkpoint, debug, metrics, runlock, runs
+from gptjax.training.faults import NonFiniteSteps, PreemptionGuard
+from gptjax.training.monitor import StepMonitor
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -53,6 +57,7 @@ class Profiler:
 
 def _train(cfg: Config, progress: bool) -> dict[str, Any]:
     setup = steps.build(cfg, debug.devices(cfg))  # config/mesh errors first, before the disk
+    sources.check(cfg.data)
     init = runs.init_source(cfg) if cfg.train.init_from else None  # (source run, step)
     run_dir = runs.prepare_run_dir(cfg)
     with runlock.hold(run_dir):  # one writer per run directory (readers never take it)
@@ -85,7 +90,7 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -
         start, state = restored
         if lead:
             print(f"gptjax: resumed {run_dir} at step {start}", file=sys.stderr)
-    monitor = debug.StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
+    monitor = StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
     train_step = monitor.wrap(steps.make_train_step(setup))
     eval_step = monitor.wrap(steps.make_eval_step(setup, data.token_bytes), "eval")
 
@@ -93,8 +98,8 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -
     log = metrics.StepLogger(
         metrics.MetricsWriter(run_dir, enabled=lead),
         tokens_per_step=B * cfg.model.seq_len,
-        flops_per_token=metrics.flops_per_token(cfg.model),
-        peak_flops=metrics.peak_flops(list(setup.mesh.devices.flat), cache_root(cfg.data))[0],
+        flops_per_token=flops.flops_per_token(cfg.model),
+        peak_flops=flops.peak_flops(list(setup.mesh.devices.flat), cache_root(cfg.data))[0],
         log_every=cfg.train.log_every,
         total_steps=cfg.train.steps,
         start_step=start,

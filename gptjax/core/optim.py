@@ -1,5 +1,5 @@
 """AdamW with warmup + cosine (or WSD, or constant) schedule, global-norm clipping, and weight
-decay on the parameters that declare it (`decay=` where each is defined, gptjax/model.py).
+decay on the parameters that declare it (`decay=` where each is defined, gptjax/core/model.py).
 
 The cosine reaches its floor (`lr * min_lr_ratio`) at the last step, or at `optim.decay_steps`
 (or `optim.decay_tokens` / tokens per step) and stays there: GPT-3 decays over 260B tokens of a

@@ -15,10 +15,12 @@ import sys
 
 import jax
 
+from gptjax.errors import UserError
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); the message is one line."""
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptjax.sharding import constrain
+from gptjax.core.sharding import constrain
 
 
 def logits(h_BTD: jax.Array, w_VD: jax.Array, vocab: int | None = None) -> jax.Array:

@@ -3,7 +3,7 @@
 `build` turns a config into a `Setup` (mesh, shardings, abstract state, optimiser) before any
 array exists; `make_train_step` and `make_eval_step` jit the pure step functions with explicit
 shardings. `sample`, `eval`, `plan`, `bench`, the sweep and chat commands import this module;
-only `gptjax/train.py` (the loop) adds data, checkpoints and logging around it.
+only `gptjax/training/loop.py` (the loop) adds data, checkpoints and logging around it.
 
 TrainState is a plain pytree {"params", "opt_state", "step"}. A batch is a dict of [B, T] int32
 arrays (gptjax/data/batch.py). The loss is a masked sum over the scored tokens divided by their
@@ -24,9 +24,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptjax import loss as vocab_loss
-from gptjax import model, optim, sharding
 from gptjax.config import Config
+from gptjax.core import loss as vocab_loss
+from gptjax.core import model, optim, sharding
 from gptjax.data import batch as batch_module
 from gptjax.data import loader as data_loader
 
@@ -160,7 +160,7 @@ def token_losses(graphdef, params, batch: dict, key=None, segments: bool = False
     positions = batch["positions"] if segments else None
     segments = batch["segment_ids"] if segments else None
     h_BTD = gpt.hidden(batch["inputs"], key, positions_BT=positions, segment_ids_BT=segments)
-    # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/loss.py)
+    # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/core/loss.py)
     return vocab_loss.token_losses(h_BTD, gpt.head(), batch["targets"], cfg.loss_chunk, cfg.vocab)
 
 

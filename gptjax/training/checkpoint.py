@@ -23,11 +23,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from gptjax import distributed
+from gptjax.errors import UserError
 
 log = logging.getLogger("gptjax")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message is one line."""
 
 

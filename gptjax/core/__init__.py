@@ -1,0 +1,1 @@
+"""The model and its step: parameters, attention, loss, sharding, optimiser, FLOPs."""

@@ -1,0 +1,1 @@
+"""Tools around training: plan, bench, plot, launch."""
