@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax.config import ConfigError, ModelConfig
+from gptjax.config import ModelConfig
+from gptjax.core import platform
 from gptjax.core.loss import logits as logits_of
 from gptjax.core.sharding import constrain
 
@@ -102,15 +103,12 @@ def _dropout(x, rate: float, key):
 
 
 def attention_impl(setting: str, dtype) -> str:
-    """`auto` picks cuDNN flash attention on NVIDIA GPUs in bf16/f16, XLA otherwise."""
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    on_gpu = jax.default_backend() in ("gpu", "cuda")
-    if setting == "cudnn" and not (on_gpu and half):
-        need = "an NVIDIA GPU" if not on_gpu else "model.dtype=bfloat16"
-        raise ConfigError(f"model.attention=cudnn needs {need}; use model.attention=auto or xla")
+    """The attention implementation for `model.attention`. `steps.build` has already resolved
+    `auto` for the devices the step is built for (gptjax/core/platform.py); a model used on its
+    own resolves it for the default backend's devices."""
     if setting != "auto":
         return setting
-    return "cudnn" if on_gpu and half else "xla"
+    return platform.attention(setting, dtype, platform.platform_of(jax.devices()))
 
 
 # --- the KV cache -------------------------------------------------------------------------------

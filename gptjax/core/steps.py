@@ -24,9 +24,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptjax.config import Config
+from gptjax.config import Config, ModelConfig
 from gptjax.core import loss as vocab_loss
-from gptjax.core import model, optim, sharding
+from gptjax.core import model, optim, platform, sharding
 from gptjax.data import batch as batch_module
 from gptjax.data import loader as data_loader
 
@@ -44,6 +44,9 @@ class Setup:
     state_shardings: Any  # pytree of NamedSharding matching TrainState
     abstract_state: Any  # pytree of ShapeDtypeStruct (with shardings)
     batch_sharding: NamedSharding  # every [batch, seq] array of a batch dict
+    # cfg.model with the platform's choices made for the mesh's devices (model.attention auto ->
+    # xla or cudnn): what the graph is built with; cfg itself stays as the user wrote it
+    model_cfg: ModelConfig
 
     def activate(self):
         return sharding.activate(self.mesh, self.rules)
@@ -65,7 +68,8 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
     """Mesh, shardings and the abstract TrainState; errors here happen before compiling."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.make_rules(cfg.mesh.rules)
-    graphdef, abstract_params = model.abstract(cfg.model)
+    model_cfg = platform.resolve(cfg.model, list(mesh.devices.flat))
+    graphdef, abstract_params = model.abstract(model_cfg)
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     shapes = nnx.to_pure_dict(abstract_params)
     param_specs = jax.tree.map(
@@ -114,6 +118,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
         state_shardings=state_shardings,
         abstract_state=abstract_state,
         batch_sharding=NamedSharding(mesh, batch_spec),
+        model_cfg=model_cfg,
     )
 
 

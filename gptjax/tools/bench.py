@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from gptjax.config import Config
-from gptjax.core import flops, model
+from gptjax.core import flops
 from gptjax.core import steps as step_library
 from gptjax.data import batch as batch_module
 from gptjax.data.pipeline import cache_root
@@ -100,7 +100,7 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
         "tokens_per_step": B * T,
         "dtype": cfg.model.dtype,
         "remat": cfg.model.remat,
-        "attention": model.attention_impl(cfg.model.attention, cfg.model.dtype),
+        "attention": setup.model_cfg.attention,
         "loss_chunk": getattr(cfg.model, "loss_chunk", 0),
         "data": data,
     }
