@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from gptjax import config
     from gptjax.data import pipeline
 
-    parser = argparse.ArgumentParser(prog="python benchmarks/data_throughput.py", description=__doc__)
+    prog = "python benchmarks/data_throughput.py"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--fresh", action="store_true", help="prepare into an empty cache")

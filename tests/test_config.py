@@ -4,6 +4,7 @@ import pytest
 from conftest import ROOT, run_cli
 
 from gptjax import config
+from gptjax.data import DataError, sources
 
 
 def test_yaml_plus_dotted_overrides():
@@ -30,7 +31,6 @@ def test_every_shipped_config_loads():
         (["train.batch_size=10", "train.micro_batches=4"], "not divisible by train.micro"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "only one of mesh.data"),
         (["model.dtype=float16"], "model.dtype"),
-        (["data.source=s3://bucket"], "data.source='s3://bucket'"),
         (["steps"], "override 'steps' must look like key=value"),
     ],
 )
@@ -39,6 +39,20 @@ def test_config_errors_are_one_line(overrides, message):
         config.load(None, overrides)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_an_unknown_data_source_is_one_line_before_anything_is_written(tmp_path):
+    """The data side knows the sources (the config does not import it): the same one line."""
+    with pytest.raises(DataError, match="data.source='s3://bucket': unknown source") as error:
+        sources.check(config.load(None, ["data.source=s3://bucket"]).data)
+    assert "\n" not in str(error.value)
+    run_dir, cache = tmp_path / "r", tmp_path / "cache"
+    overrides = ["data.source=s3://bucket", f"run_dir={run_dir}", f"data.cache_dir={cache}"]
+    result = run_cli("train", "configs/debug.yaml", *overrides)
+    assert result.returncode == 2
+    assert result.stderr.startswith("gptjax: error: data.source='s3://bucket': unknown source")
+    assert result.stderr.count("\n") == 1
+    assert not run_dir.exists() and not cache.exists()
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):

@@ -1,5 +1,5 @@
-"""gptjax/training/debug.py: `--debug` runs any config on one device, finds the op and step of a NaN,
-times each step, and `debug.no_jit` runs the model eagerly (for pdb)."""
+"""gptjax/training/debug.py: `--debug` runs any config on one device, finds the op and step of a
+NaN, times each step, and `debug.no_jit` runs the model eagerly (for pdb)."""
 
 import contextlib
 import io

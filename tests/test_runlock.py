@@ -1,5 +1,5 @@
-"""One writer per run directory (gptjax/training/runlock.py): a second `train` is refused with one line
-naming the holder while the first goes on untouched; readers still read the run; the lock of a
+"""One writer per run directory (gptjax/training/runlock.py): a second `train` is refused with one
+line naming the holder while the first goes on untouched; readers still read the run; the lock of a
 dead process is taken over; with several processes all of them stop together."""
 
 import json
