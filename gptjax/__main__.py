@@ -1,5 +1,5 @@
 import sys
 
-from gptjax.cli import main
+from gptjax.cli import command
 
-sys.exit(main())
+sys.exit(command())

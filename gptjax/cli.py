@@ -384,5 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def command() -> int:
+    """The `gptjax` console script and `python -m gptjax`: the compilation cache on, then main."""
+    from gptjax import compile_cache
+
+    compile_cache.enable()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -1,13 +1,14 @@
 """Training behaviour: overfitting a fixed batch, step-indexed batches, resume, the run dir."""
 
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
 from conftest import ROOT, run_cli, tiny_config
 
-from gptjax import config
+from gptjax import compile_cache, config
 from gptjax.core import steps
 from gptjax.data import load_dataset
 from gptjax.training import loop
@@ -79,9 +80,17 @@ def test_cli_train_sample_eval_end_to_end(tmp_path, cache_dir):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["final_step"] == 20 and np.isfinite(summary["eval_loss"])
 
-    sample = run_cli("sample", str(run), "--prompt", "import ", "--max-new-tokens", "20", env=env)
+    # Every program cached however fast it compiled, so the second start has nothing to write.
+    cached = {**env, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    args = ("sample", str(run), "--prompt", "import ", "--max-new-tokens", "20")
+    sample = run_cli(*args, env=cached)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("import ") and len(sample.stdout) > len("import \n")
+    programs = sorted(p.name for p in compile_cache.directory(cache_dir).iterdir())
+    assert any(name.startswith("jit_") for name in programs)  # the commands use the cache
+    again = run_cli(*args, env=cached)
+    assert again.stdout == sample.stdout  # programs read back from the cache compute the same
+    assert sorted(p.name for p in compile_cache.directory(cache_dir).iterdir()) == programs
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def \nclass \n")
     batch = run_cli(
@@ -116,3 +125,15 @@ def test_resume_with_other_shapes_is_refused_and_nothing_overwritten(tmp_path, c
     assert result.returncode == 2
     assert "different parameter shapes: model.d_model (64 -> 128)" in result.stderr
     assert (tmp_path / "config.yaml").read_text() == saved
+
+
+def test_compile_cache_is_per_machine_kind_and_can_be_turned_off(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("GPTJAX_COMPILE_CACHE", "off")
+    assert compile_cache.enable(tmp_path) is None
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("GPTJAX_COMPILE_CACHE", "1")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache.enable(tmp_path) == tmp_path / "mine"  # the user's own setting wins
+    assert compile_cache.directory(tmp_path).parent == tmp_path / "xla"
+    assert compile_cache.directory(tmp_path).name == compile_cache.machine_key()
