@@ -132,9 +132,27 @@ def _serve(args) -> int:
 
 
 def _eval(args) -> int:
-    from gptjax.training import runs
+    if not args.tasks:
+        from gptjax.training import runs
 
-    print(json.dumps(runs.score_held_out(args.run_dir, args.step, args.batches)))
+        print(json.dumps(runs.score_held_out(args.run_dir, args.step, args.batches)))
+        return 0
+    from gptjax.evaluation import run
+
+    names = [name for name in args.tasks.split(",") if name]
+    devices, mesh = _sample_devices(args)
+    result = run.evaluate_run(
+        args.run_dir,
+        names,
+        shots=args.shots,
+        limit=args.limit,
+        step=args.step,
+        seed=args.seed,
+        unconditional=args.unconditional,
+        devices=devices,
+        mesh=mesh,
+    )
+    print(json.dumps(result))
     return 0
 
 
@@ -278,10 +296,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     p.set_defaults(run=_serve)
 
-    p = commands.add_parser("eval", help="validation loss, perplexity and bits per byte")
+    p = commands.add_parser(
+        "eval", help="validation loss, perplexity and bits per byte; or --tasks accuracy"
+    )
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--batches", type=int, default=0, help="default: the whole validation set")
+    p.add_argument(
+        "--tasks",
+        default="",
+        help="comma-separated built-in task names or task files/directories (docs/evaluation.md)",
+    )
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples before each one")
+    p.add_argument("--limit", type=int, default=None, help="the first N examples of each task")
+    p.add_argument("--seed", type=int, default=1234, help="draws the few-shot examples")
+    p.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="also acc_uncond: GPT-3's normalisation by p(choice | 'Answer:')",
+    )
+    p.add_argument("--devices", type=int, default=1, help="local devices to score on")
+    p.add_argument("--tensor", type=int, default=1, help="of them, split each model's heads")
     p.set_defaults(run=_eval)
 
     p = commands.add_parser(
