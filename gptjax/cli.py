@@ -132,6 +132,24 @@ def _serve(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.tasks and args.harness:
+        raise ConfigError("give --tasks (gptjax's scoring) or --harness (lm-eval's), not both")
+    if args.harness:
+        from gptjax.evaluation import harness
+
+        devices, mesh = _sample_devices(args)
+        result = harness.evaluate_run(
+            args.run_dir,
+            [name for name in args.harness.split(",") if name],
+            shots=args.shots if args.shots else None,
+            limit=args.limit,
+            step=args.step,
+            include_path=args.include_path,
+            devices=devices,
+            mesh=mesh,
+        )
+        print(json.dumps(result, default=str))
+        return 0
     if not args.tasks:
         from gptjax.training import runs
 
@@ -315,6 +333,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also acc_uncond: GPT-3's normalisation by p(choice | 'Answer:')",
     )
+    p.add_argument(
+        "--harness",
+        default="",
+        help="comma-separated lm-eval task names or gptjax task files, run by lm-eval itself "
+        "(needs the [eval] extra)",
+    )
+    p.add_argument("--include-path", default=None, help="--harness: a folder of lm-eval YAML")
     p.add_argument("--devices", type=int, default=1, help="local devices to score on")
     p.add_argument("--tensor", type=int, default=1, help="of them, split each model's heads")
     p.set_defaults(run=_eval)

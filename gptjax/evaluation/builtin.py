@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from gptjax.data import corpus
-from gptjax.evaluation.tasks import Example, Settings, Task
+from gptjax.evaluation.tasks import Example, Settings, Task, TaskError, read_task
 
 CONTEXT_LINES = 12
 CONTEXT_CHARS = 400
@@ -118,3 +119,15 @@ TASKS: dict[str, Callable[..., Task]] = {
     "stdlib_next_line": stdlib_next_line,
     "stdlib_names": stdlib_names,
 }
+
+
+def resolve(name: str, **builtin_options) -> Task:
+    """A built-in task by name, or a task file or directory by path."""
+    if name in TASKS:
+        return TASKS[name](**builtin_options)
+    if "/" in name or name.endswith(".jsonl") or Path(name).exists():
+        return read_task(name)
+    raise TaskError(
+        f"unknown task {name!r}: built-in tasks are {', '.join(sorted(TASKS))}; "
+        "or give a .jsonl file or a task directory"
+    )

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from gptjax.atomic import write_file
+from gptjax.evaluation.builtin import resolve
 from gptjax.evaluation.loglik import Scorer, encode_pair
-from gptjax.evaluation.tasks import Task, TaskError, resolve
+from gptjax.evaluation.tasks import Task, TaskError
 
 
 def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:

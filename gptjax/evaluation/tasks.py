@@ -6,7 +6,7 @@ A task file holds one JSON object per line, of one of two kinds:
 A task is a `.jsonl` file (its examples; few-shot examples come from the other examples of the
 same file) or a directory holding `test.jsonl` (or `validation.jsonl`), optionally `train.jsonl`
 (the few-shot pool) and `task.json` (settings: the fields of `Settings`). Built-in tasks
-(gptjax/evaluation/builtin.py) need no file.
+(gptjax/evaluation/builtin.py, which also resolves a name to a task) need no file.
 
 The prompt of example e with K shots (lm-eval's layout):
   description + shot_1 + fewshot_delimiter + ... + shot_K + fewshot_delimiter + e.context
@@ -96,7 +96,7 @@ def _example(path: Path, number: int, line: str) -> Example:
         if not isinstance(choices, list) or not choices:
             raise TaskError(f'{where}: "choices" must be a non-empty list of strings')
         if any(not isinstance(c, str) or not c for c in choices):
-            raise TaskError(f'{where}: every choice must be a non-empty string')
+            raise TaskError(f"{where}: every choice must be a non-empty string")
         label = row.get("label")
         if not isinstance(label, int) or isinstance(label, bool):
             raise TaskError(f'{where}: needs an integer "label" (the index of the right choice)')
@@ -135,8 +135,10 @@ def read_settings(path: Path) -> Settings:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TaskError(f"{path}: not a readable JSON object ({type(error).__name__})") from None
     known = {f.name for f in dataclasses.fields(Settings)}
-    if not isinstance(raw, dict) or set(raw) - known or any(
-        not isinstance(v, str) for v in raw.values()
+    if (
+        not isinstance(raw, dict)
+        or set(raw) - known
+        or any(not isinstance(v, str) for v in raw.values())
     ):
         raise TaskError(f"{path}: use an object of strings with keys among {sorted(known)}")
     return Settings(**raw)
@@ -150,7 +152,9 @@ def read_task(path: str | Path) -> Task:
         return Task(path.stem, _kind(examples), examples)
     if not path.is_dir():
         raise TaskError(f"task {path}: no such file or directory")
-    split = next((path / n for n in ("test.jsonl", "validation.jsonl") if (path / n).is_file()), None)
+    split = next(
+        (path / n for n in ("test.jsonl", "validation.jsonl") if (path / n).is_file()), None
+    )
     if split is None:
         raise TaskError(f"task directory {path} holds no test.jsonl or validation.jsonl")
     examples = read_examples(split)
@@ -159,17 +163,3 @@ def read_task(path: str | Path) -> Task:
         raise TaskError(f"{path}: train.jsonl and {split.name} hold different kinds of examples")
     settings = read_settings(path / "task.json") if (path / "task.json").is_file() else Settings()
     return Task(path.name, _kind(examples), examples, pool, settings)
-
-
-def resolve(name: str, **builtin_options) -> Task:
-    """A built-in task by name, or a task file or directory by path."""
-    from gptjax.evaluation import builtin
-
-    if name in builtin.TASKS:
-        return builtin.TASKS[name](**builtin_options)
-    if "/" in name or name.endswith(".jsonl") or Path(name).exists():
-        return read_task(name)
-    raise TaskError(
-        f"unknown task {name!r}: built-in tasks are {', '.join(sorted(builtin.TASKS))}; "
-        "or give a .jsonl file or a task directory"
-    )
