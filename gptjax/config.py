@@ -7,6 +7,7 @@ becomes a `ConfigError` with one readable line (the CLI prints it and exits non-
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,8 +142,34 @@ class MeshConfig(_Section):
         return self.on_local_devices().model_copy(update={"data": 1})
 
 
+class MixtureSource(_Section):
+    """One source of a mixture: `{source, weight}` (+ `name`, default from the source)."""
+
+    source: str
+    weight: float
+    name: str | None = Field(None, description="in eval_loss/NAME; default: from the source")
+
+
+class MixturePhase(_Section):
+    """From step `at` on (steps numbered as in metrics.jsonl, `at` updates done), the mixture
+    is `mixture`."""
+
+    at: int = Field(gt=0)
+    mixture: list[MixtureSource]
+
+
 class DataConfig(_Section):
     source: str = "stdlib"
+    mixture: list[MixtureSource] | None = Field(
+        None,
+        description="[{source, weight}, ...]: rows drawn from each by weight (replaces source)",
+    )
+    phases: list[MixturePhase] | None = Field(
+        None, description="[{at: STEP, mixture: [...]}, ...]: the mixture from step STEP on"
+    )
+    workers: int = Field(
+        0, ge=0, description="processes tokenising in parallel; 0: one per CPU core"
+    )
     tokenizer: str | None = Field(
         None, description="tokenizer file (.model: SentencePiece, .json: BPE); None: train"
     )
@@ -160,6 +187,32 @@ class DataConfig(_Section):
         description="concat: documents joined by the end token attend across it (GPT-2/GPT-3); "
         "segments: attention and positions restart at each document",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.mixture is not None and "source" in self.model_fields_set:
+            raise ValueError("data.source and data.mixture are both set; set one")
+        if self.phases and self.mixture is None:
+            raise ValueError("data.phases needs data.mixture (the mixture before the first phase)")
+        mixtures = [("data.mixture", self.mixture or [])]
+        mixtures += [
+            (f"data.phases[{i}].mixture", p.mixture) for i, p in enumerate(self.phases or [])
+        ]
+        for where, mixture in mixtures if self.mixture is not None else []:
+            if not mixture:
+                raise ValueError(f"{where} is empty: list at least one {{source, weight}}")
+            for i, entry in enumerate(mixture):
+                if not 0 < entry.weight < math.inf:  # also NaN
+                    raise ValueError(
+                        f"{where}[{i}].weight={entry.weight} ({entry.source}): a weight must be "
+                        "a positive number"
+                    )
+                if not entry.source.strip():
+                    raise ValueError(f"{where}[{i}].source is empty")
+        starts = [p.at for p in self.phases or []]
+        if starts != sorted(set(starts)):
+            raise ValueError(f"data.phases: steps `at` {starts} must increase")
+        return self
 
 
 class TrainConfig(_Section):

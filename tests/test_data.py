@@ -14,7 +14,7 @@ from conftest import ROOT, run_cli, tiny_config
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gptjax.config import DataConfig
-from gptjax.data import DataError, corpus, loader, pipeline
+from gptjax.data import DataError, corpus, encode, loader, pipeline
 from gptjax.data import tokenizer as tok
 
 SEQ_LEN = 16
@@ -282,7 +282,7 @@ def test_second_prepare_reuses_the_cache_and_changes_rebuild(small, tmp_path, mo
         raise AssertionError("rebuilt a cached dataset")
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "_pack_split", no_rebuild)
+        patch.setattr(encode, "pack_split", no_rebuild)
         patch.setattr(tok, "train", no_rebuild)
         assert pipeline.prepare(cfg, SEQ_LEN) == data.directory
     # Another seq_len, another tokenizer (a given one, or another vocab size): new directories.

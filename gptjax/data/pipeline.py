@@ -27,9 +27,8 @@ import functools
 import hashlib
 import json
 import os
-import queue
+import shutil
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,15 +39,15 @@ import numpy as np
 import gptjax.data.batch as batch_module
 import gptjax.data.chat as chat
 import gptjax.data.documents as docs_module
+import gptjax.data.encode as encode
 import gptjax.data.sharing as sharing
 import gptjax.data.tokenizer as tok
 from gptjax import atomic
 from gptjax.config import DataConfig
 from gptjax.data.corpus import DataError
-from gptjax.data.packed import PackedWindows, WindowWriter
+from gptjax.data.packed import PackedWindows
 
 FORMAT_VERSION = 2
-CHUNK_DOCUMENTS = 1024  # documents tokenised per call (SentencePiece spreads them over threads)
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -104,70 +103,6 @@ def _trained_tokenizer(
     model = tok.train(texts, cfg.vocab_size, cfg.tokenizer_sample_bytes)
     atomic.write_file(path, model)
     return model
-
-
-def _read_ahead(chunks: Iterator, depth: int = 2) -> Iterator:
-    """Iterate `chunks` in a background thread, `depth` items ahead (reading overlaps encoding)."""
-    items: queue.Queue = queue.Queue(depth)
-    done, stop = object(), threading.Event()
-
-    def put(item) -> None:
-        while not stop.is_set():
-            try:
-                return items.put(item, timeout=0.1)
-            except queue.Full:
-                continue
-
-    def worker():
-        try:
-            for item in chunks:
-                if stop.is_set():
-                    return
-                put(item)
-        except BaseException as error:  # handed to the consumer, raised there
-            put(error)
-        put(done)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    try:
-        while (item := items.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _pack_split(split, limit, tokenizer, path: Path, window: int, bar, template=None) -> dict:
-    """Tokenise and pack one split; with a chat `template`, documents are conversations and
-    their loss masks go to PATH.mask.array_record."""
-    mask_path = None if template is None else _mask_path(path)
-    writer = WindowWriter(path, window, tokenizer.eod_id, mask_path)
-    n_docs = n_bytes = 0
-    try:
-        for texts in _read_ahead(split.chunks(CHUNK_DOCUMENTS, limit)):
-            if template is None:
-                writer.add(tokenizer.encode_batch(texts))
-            else:
-                rendered = template.render_many([chat.from_json(t) for t in texts])
-                writer.add([ids for ids, _ in rendered], [mask for _, mask in rendered])
-            size = sum(len(t.encode()) for t in texts)
-            n_docs, n_bytes = n_docs + len(texts), n_bytes + size
-            if bar is not None:
-                bar.update(size)
-    finally:
-        writer.close()
-    counts = {
-        "documents": n_docs,
-        "bytes": n_bytes,
-        "tokens": writer.tokens,
-        "windows": writer.windows,
-    }
-    if template is not None:
-        counts["scored_tokens"] = writer.scored
-    return counts
 
 
 def _mask_path(path: Path) -> Path:
@@ -226,21 +161,26 @@ def prepare(
     target = root / "packed" / _digest(key)
     if (target / "meta.json").is_file():
         return target
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="tokenize", unit="B", unit_scale=True, dynamic_ncols=True, leave=False)
+    chunks = root / "packed" / f".chunks-{target.name}"  # kept when killed: resumed from
+    total = len(documents.train) + min(len(documents.val), cfg.val_max_documents)
+    bar = encode.progress_bar("tokenize", total, progress)
+    workers = encode.workers_for(cfg.workers)
 
     def build(scratch: Path) -> None:
         started = time.perf_counter()
         tokenizer.save(scratch / tokenizer.filename)
         window = seq_len + 1
-        template = chat.Template(tokenizer) if conversations else None
-        train_path, val_path = scratch / "train.array_record", scratch / "val.array_record"
-        train = _pack_split(documents.train, None, tokenizer, train_path, window, bar, template)
-        limit = cfg.val_max_documents
-        val = _pack_split(documents.val, limit, tokenizer, val_path, window, bar, template)
+        counts = {}
+        for split, name, limit in (
+            (documents.train, "train", None),
+            (documents.val, "val", cfg.val_max_documents),
+        ):
+            path = scratch / f"{name}.array_record"
+            mask_path = _mask_path(path) if conversations else None
+            counts[name] = encode.pack_split(
+                split, limit, tokenizer, path, mask_path, window, chunks / name, workers, bar
+            )
+        train, val = counts["train"], counts["val"]
         for name, split in (("train", train), ("validation", val)):
             if split["windows"] == 0:
                 raise DataError(
@@ -264,10 +204,15 @@ def prepare(
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
 
     try:
-        return docs_module.atomic_dir(target, build)
+        directory = docs_module.atomic_dir(target, build)
+    except DataError:
+        shutil.rmtree(chunks, ignore_errors=True)  # the input is wrong: nothing to resume
+        raise
     finally:
         if bar is not None:
             bar.close()
+    shutil.rmtree(chunks, ignore_errors=True)
+    return directory
 
 
 @functools.lru_cache(maxsize=64)

@@ -107,6 +107,11 @@ def find(directory: str | Path) -> Path | None:
     return None
 
 
+def from_bytes(filename: str, model: bytes) -> TextTokenizer:
+    """The tokenizer of a file's contents, by the file's name (tokenizer.model or .json)."""
+    return _kinds()[filename](model)
+
+
 def load(path: str | Path) -> TextTokenizer:
     """The tokenizer in a file (by its suffix: .json is BPE, else SentencePiece) or a directory."""
     path = Path(path)
@@ -127,6 +132,7 @@ class Tokenizer:
     def __init__(self, model: bytes):
         self.model_bytes = model
         self.sp = spm.SentencePieceProcessor(model_proto=model)
+        self.threads = os.cpu_count() or 1  # encode_batch's threads (1 in a worker process)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -165,7 +171,7 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+        return self.sp.encode(texts, num_threads=self.threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
