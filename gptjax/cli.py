@@ -205,15 +205,43 @@ def _data_prepare(args) -> int:
     tokenizer = tok.find(cfg.run_dir)  # a run keeps its tokenizer
     if tokenizer is None and cfg.train.init_from:  # a new fine-tuning run: the source's
         tokenizer = tok.find(runs.init_source(cfg)[0])
-    directory = pipeline.prepare(
-        cfg.data,
-        cfg.model.seq_len,
-        tokenizer,
-        max_vocab=cfg.model.vocab_size,
-        progress=not args.no_progress,
-    )
-    meta = json.loads((directory / "meta.json").read_text())
-    print(json.dumps({"directory": str(directory), **meta}))
+    if cfg.data.mixture is not None:  # one line per source
+        from gptjax.data import mixture
+
+        directories = mixture.prepare(
+            cfg.data, cfg.model.seq_len, tokenizer, cfg.model.vocab_size, not args.no_progress
+        )
+    else:
+        directories = [
+            pipeline.prepare(
+                cfg.data,
+                cfg.model.seq_len,
+                tokenizer,
+                max_vocab=cfg.model.vocab_size,
+                progress=not args.no_progress,
+            )
+        ]
+    for directory in directories:
+        meta = json.loads((directory / "meta.json").read_text())
+        print(json.dumps({"directory": str(directory), **meta}))
+    return 0
+
+
+def _data_plan(args) -> int:
+    from gptjax import config
+    from gptjax.config import MixtureSource
+    from gptjax.data import tokenizer as tok
+    from gptjax.training import runs
+
+    cfg = config.load(args.config, args.overrides)
+    if cfg.data.mixture is None:  # one source: a mixture of one (the same caches)
+        one = [MixtureSource(source=cfg.data.source, weight=1.0)]
+        cfg.data = cfg.data.model_copy(update={"mixture": one})
+    tokenizer = tok.find(cfg.run_dir)
+    if tokenizer is None and cfg.train.init_from:
+        tokenizer = tok.find(runs.init_source(cfg)[0])
+    data = runs.load_data(cfg, Path(cfg.run_dir), not args.no_progress, tokenizer)
+    print(runs.mixture_table(cfg, data))
     return 0
 
 
@@ -406,6 +434,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.source=text_dir:DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_data_prepare)
+    p = data_commands.add_parser(
+        "plan", help="the mixture's table: documents, tokens, weight, epochs in train.steps"
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=1000")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_data_plan)
 
     p = commands.add_parser(
         "sweep", help="scaling experiments: sweep plan|run|status|report|fit|emit SPEC"

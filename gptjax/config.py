@@ -162,7 +162,7 @@ class DataConfig(_Section):
     source: str = "stdlib"
     mixture: list[MixtureSource] | None = Field(
         None,
-        description="[{source, weight}, ...]: rows drawn from each by weight (replaces source)",
+        description="[{source, weight}, ...]: rows drawn from each by weight; replaces data.source",
     )
     phases: list[MixturePhase] | None = Field(
         None, description="[{at: STEP, mixture: [...]}, ...]: the mixture from step STEP on"
@@ -190,8 +190,6 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.mixture is not None and "source" in self.model_fields_set:
-            raise ValueError("data.source and data.mixture are both set; set one")
         if self.phases and self.mixture is None:
             raise ValueError("data.phases needs data.mixture (the mixture before the first phase)")
         mixtures = [("data.mixture", self.mixture or [])]

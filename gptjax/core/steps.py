@@ -297,12 +297,40 @@ def global_batch(setup: Setup, rows_fn, batch_size: int) -> dict[str, jax.Array]
 
 
 def evaluate(
-    setup: Setup, eval_step, params, data, n_batches: int, windows: int | None = None
+    setup: Setup, eval_step, params, data, n_batches: int | None, windows: int | None = None
 ) -> dict[str, float]:
     """Validation loss, perplexity and bits per byte over `n_batches` fixed batches; with
     `windows`, over exactly the first `windows` held-out windows (rows past them in the last
-    batch are read but not scored)."""
+    batch are read but not scored); `n_batches=None`: every held-out window once.
+
+    A mixture (data with `parts`) is scored on each source's held-out windows (n_batches of
+    each), giving eval_loss/NAME, eval_ppl/NAME and eval_bpb/NAME, and the mixed figures weigh
+    the sources by the mixture's weights (`data.weights`: the loss a token of the mixture
+    gets, in expectation)."""
+    parts = getattr(data, "parts", None)
+    if not parts:
+        return _figures(_eval_totals(setup, eval_step, params, data, n_batches, windows))
+    result, mixed = {}, np.zeros(3)
+    for part in parts:
+        totals = _eval_totals(setup, eval_step, params, part.data, n_batches, windows)
+        for key, value in _figures(totals).items():
+            result[f"{key}/{part.name}"] = value
+        loss_sum, tokens, n_bytes = totals
+        # per scored token of this source, weighted by the share of rows it gets
+        mixed += (
+            data.weights.get(part.name, 0.0)
+            * np.array([loss_sum, tokens, n_bytes])
+            / max(tokens, 1)
+        )
+    return {**_figures(mixed), **result}
+
+
+def _eval_totals(setup, eval_step, params, data, n_batches, windows) -> np.ndarray:
+    """(sum of losses in nats, tokens scored, their bytes) over the batches of `evaluate`."""
     batch_size = setup.cfg.train.batch_size
+    if n_batches is None:
+        windows = len(data.val)
+        n_batches = -(-windows // batch_size)
 
     def rows(k, start, stop):
         batch = data.val_batch(k, batch_size, start, stop)
@@ -315,6 +343,10 @@ def evaluate(
     for k in range(n_batches):
         batch = global_batch(setup, lambda a, b, k=k: rows(k, a, b), batch_size)
         totals += np.array([float(x) for x in eval_step(params, batch)])
+    return totals
+
+
+def _figures(totals: np.ndarray) -> dict[str, float]:
     loss_sum, tokens, n_bytes = totals
     loss = loss_sum / max(tokens, 1)
     return {

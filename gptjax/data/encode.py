@@ -145,15 +145,16 @@ def pack_split(
     writer = WindowWriter(path, window, tokenizer.eod_id, mask_path)
     n_docs = n_bytes = 0
     pool = None
-    if workers > 1:
-        pool = concurrent.futures.ProcessPoolExecutor(
+    _setup(tokenizer.filename, tokenizer.model_bytes, conversations, None)
+
+    def start_pool() -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("spawn"),  # never fork a process running JAX
             initializer=_setup,
             initargs=(tokenizer.filename, tokenizer.model_bytes, conversations, 1),
         )
-    else:
-        _setup(tokenizer.filename, tokenizer.model_bytes, conversations, None)
+
     pending: deque = deque()  # (k, future or None) in chunk order
 
     def pack_oldest() -> None:
@@ -172,18 +173,34 @@ def pack_split(
             if bar is not None:
                 bar.update(len(lengths))
 
+    held = None  # the first chunk to tokenise: a pool starts only when a second one comes
     try:
         for k, texts, records in _read_chunks(split, limit, chunks):
             future = None
             if texts is not None:
                 target = str(_chunk_path(chunks, k))
+                if workers > 1 and pool is None and held is None:
+                    held = (k, texts, records, target)
+                    continue
+                if workers > 1 and pool is None:
+                    pool = start_pool()
+                    first = pool.submit(encode_chunk, *held[1:])
+                    pending.append((held[0], first))
+                    held = None
                 if pool is None:
                     encode_chunk(texts, records, target)
                 else:
                     future = pool.submit(encode_chunk, texts, records, target)
+            if held is not None:  # a done chunk after the held one: tokenise it here first
+                encode_chunk(*held[1:])
+                pending.append((held[0], None))
+                held = None
             pending.append((k, future))
-            while pending and (len(pending) > 2 * workers or pending[0][1] is None):
+            while pending and (len(pending) > 2 * workers or _ready(pending[0][1])):
                 pack_oldest()
+        if held is not None:  # one chunk only: no pool for it
+            encode_chunk(*held[1:])
+            pending.append((held[0], None))
         while pending:
             pack_oldest()
     finally:
@@ -198,3 +215,7 @@ def pack_split(
     if conversations:
         counts["scored_tokens"] = writer.scored
     return counts
+
+
+def _ready(future) -> bool:
+    return future is None or future.done()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -71,36 +72,59 @@ def _sample_texts(
         yield from (map(chat.plain_text, texts) if conversations else texts)
 
 
-def _is_chat(cfg: DataConfig) -> bool:
+def _is_chat(source: str) -> bool:
     from gptjax.data.sources import parse
 
-    return parse(cfg.source)[0].conversations
+    return parse(source)[0].conversations
+
+
+def _capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
+    """`texts` until they hold `max_bytes` (UTF-8)."""
+    seen = 0
+    for text in texts:
+        if seen >= max_bytes:
+            return
+        seen += len(text.encode())
+        yield text
 
 
 def _trained_tokenizer(
-    cfg: DataConfig, documents: docs_module.Documents, root: Path, progress: bool = False
+    cfg: DataConfig,
+    weighted: list[tuple[docs_module.Documents, float, bool]],
+    root: Path,
+    progress: bool = False,
 ) -> bytes:
-    """Train the tokenizer on a capped sample of the train documents, or reuse the cached one."""
-    key = _digest(
-        {
-            "documents": documents.key,
-            "vocab_size": cfg.vocab_size,
-            "sample_bytes": cfg.tokenizer_sample_bytes,
-            "trainer": repr(sorted(tok.TRAINER_SETTINGS.items())),
-        }
-    )
-    path = root / "tokenizers" / f"{key}.model"
+    """Train the tokenizer on a capped sample of the train documents, or reuse the cached one.
+    `weighted`: (documents, weight, are conversations) of each source; of several (a mixture),
+    a sample of each in proportion to its weight."""
+    parts = {
+        "vocab_size": cfg.vocab_size,
+        "sample_bytes": cfg.tokenizer_sample_bytes,
+        "trainer": repr(sorted(tok.TRAINER_SETTINGS.items())),
+    }
+    if len(weighted) == 1:
+        parts["documents"] = weighted[0][0].key
+    else:
+        parts["mixture"] = [[documents.key, weight] for documents, weight, _ in weighted]
+    path = root / "tokenizers" / f"{_digest(parts)}.model"
     if path.is_file():
         return path.read_bytes()
-    train_documents = documents.train  # written to the cache first, when local
     if progress:
+        described = ", ".join(documents.description for documents, _, _ in weighted)
         print(
             f"gptjax: training a {cfg.vocab_size}-piece tokenizer on up to "
-            f"{cfg.tokenizer_sample_bytes / 1e6:g} MB of {documents.description}",
+            f"{cfg.tokenizer_sample_bytes / 1e6:g} MB of {described}",
             file=sys.stderr,
         )
-    texts = _sample_texts(train_documents, _is_chat(cfg))
-    model = tok.train(texts, cfg.vocab_size, cfg.tokenizer_sample_bytes)
+    total = sum(weight for _, weight, _ in weighted)
+    samples = []
+    for documents, weight, conversations in weighted:
+        train_documents = documents.train  # written to the cache first, when local
+        texts = _sample_texts(train_documents, conversations)
+        if len(weighted) > 1:
+            texts = _capped(texts, int(cfg.tokenizer_sample_bytes * weight / total))
+        samples.append(texts)
+    model = tok.train(itertools.chain(*samples), cfg.vocab_size, cfg.tokenizer_sample_bytes)
     atomic.write_file(path, model)
     return model
 
@@ -110,7 +134,9 @@ def _mask_path(path: Path) -> Path:
     return path.with_name(path.name.replace(".array_record", ".mask.array_record"))
 
 
-def _tokenizer_for(cfg: DataConfig, tokenizer_path, max_vocab, documents, root, progress):
+def tokenizer_for(cfg: DataConfig, tokenizer_path, max_vocab, weighted, root, progress):
+    """The given tokenizer, or the one trained on `weighted` (see _trained_tokenizer), checked
+    against model.vocab_size (`max_vocab`)."""
     if tokenizer_path is not None:
         tokenizer = tok.load(tokenizer_path)
         where = str(tokenizer_path)
@@ -120,7 +146,7 @@ def _tokenizer_for(cfg: DataConfig, tokenizer_path, max_vocab, documents, root, 
                 f"data.vocab_size={cfg.vocab_size} does not fit model.vocab_size={max_vocab}; "
                 "lower data.vocab_size or raise model.vocab_size"
             )
-        tokenizer = tok.Tokenizer(_trained_tokenizer(cfg, documents, root, progress))
+        tokenizer = tok.Tokenizer(_trained_tokenizer(cfg, weighted, root, progress))
         where = "the trained tokenizer"
     if max_vocab is not None and tokenizer.vocab_size > max_vocab:
         raise DataError(
@@ -147,7 +173,13 @@ def prepare(
     root = cache_root(cfg)
     documents = docs_module.open_documents(cfg, root, progress)
     given = tokenizer_path or cfg.tokenizer
-    tokenizer = _tokenizer_for(cfg, given, max_vocab, documents, root, progress)
+    weighted = [(documents, 1.0, _is_chat(cfg.source))]
+    tokenizer = tokenizer_for(cfg, given, max_vocab, weighted, root, progress)
+    return pack(cfg, seq_len, documents, tokenizer, root, progress)
+
+
+def pack(cfg: DataConfig, seq_len: int, documents, tokenizer, root: Path, progress=False) -> Path:
+    """The packed windows of `cfg.source`'s documents with `tokenizer` (reused when cached)."""
     key = {
         "format": FORMAT_VERSION,
         "documents": documents.key,
@@ -155,7 +187,7 @@ def prepare(
         "seq_len": seq_len,
         "val_max_documents": cfg.val_max_documents,
     }
-    conversations = _is_chat(cfg)
+    conversations = _is_chat(cfg.source)
     if conversations:
         key["chat_template"] = chat.VERSION
     target = root / "packed" / _digest(key)
@@ -232,13 +264,13 @@ class Dataset:
     train_mask: PackedWindows | None = None  # uint8 loss masks of the windows (conversations)
     val_mask: PackedWindows | None = None
 
-    def train_indices(self, seed: int, step: int, batch_size: int, start: int, stop: int):
-        """Window ids of rows [start, stop) of the global batch of `step`: int64 [stop - start]."""
+    def window_ids(self, seed: int, rows: np.ndarray) -> np.ndarray:
+        """Window of the run's j-th row for each j in `rows`: shuffle_e(j mod N) in epoch
+        e = j div N (int64, like `rows`)."""
         from grain.experimental import index_shuffle  # lazy: grain takes ~2 s to import
 
         n = len(self.train)
-        position = step * batch_size + np.arange(start, stop, dtype=np.int64)
-        epochs, offsets = np.divmod(position, n)
+        epochs, offsets = np.divmod(np.asarray(rows, np.int64), n)
         if n == 1:
             return offsets
         return np.array(
@@ -248,6 +280,10 @@ class Dataset:
             ],
             np.int64,
         )
+
+    def train_indices(self, seed: int, step: int, batch_size: int, start: int, stop: int):
+        """Window ids of rows [start, stop) of the global batch of `step`: int64 [stop - start]."""
+        return self.window_ids(seed, step * batch_size + np.arange(start, stop, dtype=np.int64))
 
     def train_rows(self, seed: int, step: int, batch_size: int, start: int, stop: int):
         """Rows [start, stop) of the global batch of `step`: int32 [stop - start, seq_len + 1]."""
@@ -282,15 +318,25 @@ def load_dataset(
     tokenizer_path: str | Path | None = None,
     max_vocab: int | None = None,
     progress: bool = False,
-) -> Dataset:
-    """Prepare (or reuse) the packed windows and open them for random access. With several
-    processes, those sharing a cache directory prepare it once (gptjax/data/sharing.py)."""
+):
+    """Prepare (or reuse) the packed windows and open them for random access: a Dataset, or for
+    `data.mixture` a mixture.Mixture of one per source. With several processes, those sharing a
+    cache directory prepare it once (gptjax/data/sharing.py)."""
     from gptjax.data.sources import check
 
+    if cfg.mixture is not None:
+        import gptjax.data.mixture as mixture
+
+        return mixture.load(cfg, seq_len, tokenizer_path, max_vocab, progress)
     check(cfg)  # in every process, before any of them prepares
     directory = sharing.prepare_once(
         cache_root(cfg), lambda: prepare(cfg, seq_len, tokenizer_path, max_vocab, progress)
     )
+    return open_prepared(directory, seq_len, cfg.packing)
+
+
+def open_prepared(directory: Path, seq_len: int, packing: str = "concat") -> Dataset:
+    """The Dataset of a prepared directory (what `prepare` returned)."""
     tokenizer = tok.load(directory)
     window = seq_len + 1
     train = PackedWindows(directory / "train.array_record", window)
@@ -302,6 +348,4 @@ def load_dataset(
             PackedWindows(_mask_path(directory / f"{split}.array_record"), window, np.uint8)
             for split in ("train", "val")
         ]
-    return Dataset(
-        tokenizer, train, val, tokenizer.token_bytes(), directory, meta, cfg.packing, *masks
-    )
+    return Dataset(tokenizer, train, val, tokenizer.token_bytes(), directory, meta, packing, *masks)

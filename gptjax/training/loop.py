@@ -71,6 +71,8 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -
         print(f"gptjax: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
     source_tokenizer = tok.find(init[0]) if init else None
     data = runs.load_data(cfg, run_dir, progress and lead, source_tokenizer)
+    if lead and (table := runs.mixture_table(cfg, data)):
+        print(table, file=sys.stderr)
     if lead:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         if tok.find(run_dir) is None:

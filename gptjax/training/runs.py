@@ -151,9 +151,11 @@ def score_held_out(run_dir: str | Path, step: int | None = None, batches: int = 
     data = load_data(cfg, Path(run_dir))
     eval_step = steps.make_eval_step(setup, data.token_bytes)
     size = cfg.train.batch_size
-    windows = batches * size if batches else len(data.val)
-    result = steps.evaluate(setup, eval_step, params, data, -(-windows // size), windows)
-    result["eval_tokens"] = windows * cfg.model.seq_len  # the held-out tokens read
+    windows = batches * size if batches else None
+    result = steps.evaluate(setup, eval_step, params, data, batches or None, windows)
+    sets = [part.data for part in getattr(data, "parts", ())] or [data]  # a mixture's sources
+    read = sum(windows or len(one.val) for one in sets)
+    result["eval_tokens"] = read * cfg.model.seq_len  # the held-out tokens read
     return result
 
 
@@ -170,6 +172,18 @@ def load_data(
             f"{cfg.model.vocab_size}; raise model.vocab_size"
         )
     return data
+
+
+def mixture_table(cfg: Config, data) -> str | None:
+    """GPT-3's table 2.2 for a mixture run (documents, tokens, weights, epochs in train.steps);
+    None for one source."""
+    if not hasattr(data, "parts"):
+        return None
+    from gptjax.data import mixture
+
+    B = cfg.train.batch_size
+    rows = data.table(cfg.seed, cfg.train.steps, B)
+    return mixture.format_table(rows, data.phases, cfg.train.steps, B * cfg.model.seq_len)
 
 
 def flatten(params: Any) -> dict[str, np.ndarray]:
