@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch first, pinned: the CPU wheel (unpinned, the [hf] extra's torch would pull a CUDA build)
-. launch/_venv.sh "[test,hf,eval]" "torch==2.13.0"
+. launch/_venv.sh "[test,hf,eval,corpora]" "torch==2.13.0"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 # Tests share one tokenised corpus per run; a fresh cache dir keeps CI honest.

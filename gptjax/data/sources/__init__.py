@@ -49,6 +49,16 @@ SOURCES: dict[str, Source] = {
     "text": Source(
         "gptjax.data.sources.text", "FILE", "one text file, cut into pieces at line ends"
     ),
+    "parquet": Source(
+        "gptjax.data.sources.parquet",
+        "GLOB[:COLUMN]",
+        "the text column (default `text`) of Parquet shards matching a glob (pyarrow)",
+    ),
+    "jsonl": Source(
+        "gptjax.data.sources.jsonl",
+        "GLOB[:FIELD]",
+        "a string field (default `text`) of .jsonl, .jsonl.gz, .jsonl.zst shards matching a glob",
+    ),
     "tfds": Source(
         "gptjax.data.sources.tfds", "NAME", "a TFDS dataset prepared in ArrayRecord format"
     ),
