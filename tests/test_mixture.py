@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import zstandard
+from conftest import run_processes, tiny_config
 from test_data import SEQ_LEN, VOCAB, write_corpus
 
 from gptjax import config
@@ -288,3 +289,56 @@ def test_bad_shards_are_one_line_naming_the_file(tmp_path):
     (tmp_path / "junk.jsonl.zst").write_bytes(b"garbage" * 10)
     with pytest.raises(DataError, match=r"junk.jsonl.zst: unreadable after line 0"):
         list(jsonl.documents(f"{tmp_path}/junk.jsonl.zst")())
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_mixture_run_resumed_by_2_processes_and_scored_per_source(corpora, tmp_path, cache_dir):
+    """One run on 8 devices; its copy resumed from step 3 by 2 processes (1 device each) gives
+    the same losses (so the same batches); eval figures per source and mixed."""
+    import shutil
+
+    from gptjax.training import loop, runs
+
+    _, sources, _, _ = corpora
+    entries = ", ".join(
+        f"{{name: {n}, source: '{sources[n]}', weight: {w}}}" for n, w in (("a", 0.7), ("b", 0.3))
+    )
+    common = [f"data.mixture=[{entries}]", "data.vocab_size=320", "model.seq_len=32"]
+    common += ["train.steps=6", "train.log_every=1", "train.eval_every=0", "checkpoint.every=3"]
+    first = tmp_path / "first"
+    loop.train(tiny_config(first, cache_dir, *common), progress=False)
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    shutil.rmtree(second / "checkpoints" / "6")
+    (second / "metrics.jsonl").write_text("")
+    args = ["train", "configs/debug.yaml", f"run_dir={second}", f"data.cache_dir={cache_dir}"]
+    results = run_processes([[*args, *common, "--no-progress"]] * 2, timeout=240)
+    for code, err in results:
+        assert code == 0, err[-3000:]
+    expected = {m["step"]: m["loss"] for m in metrics(first) if "loss" in m}
+    resumed = {m["step"]: m["loss"] for m in metrics(second) if "loss" in m}
+    assert sorted(resumed) == [4, 5, 6]
+    assert resumed == pytest.approx({s: expected[s] for s in resumed}, rel=1e-5)
+
+    evals = [m for m in metrics(first) if "eval_loss" in m]
+    for record in evals:
+        assert record["eval_loss"] == pytest.approx(
+            0.7 * record["eval_loss/a"] + 0.3 * record["eval_loss/b"], rel=1e-6
+        )
+        assert {"eval_bpb/a", "eval_bpb/b", "eval_ppl/a"} <= set(record)
+    assert (first / "tensorboard").is_dir()
+    scored = runs.score_held_out(first)  # what `gptjax eval` prints
+    # Oracle for a source's figure: the same checkpoint scored with that source alone.
+    alone = tmp_path / "alone"
+    shutil.copytree(first, alone)
+    saved = config.load(alone / "config.yaml")
+    saved.data = saved.data.model_copy(update={"source": sources["b"], "mixture": None})
+    (alone / "config.yaml").write_text(saved.to_yaml())
+    single = runs.score_held_out(alone)
+    assert scored["eval_loss/b"] == pytest.approx(single["eval_loss"], rel=1e-6)
+    assert scored["eval_bpb/b"] == pytest.approx(single["eval_bpb"], rel=1e-6)
