@@ -38,7 +38,7 @@ def corpora(tmp_path_factory):
     }
     sources = {name: f"text_dir:{path}" for name, path in dirs.items()}
     cfg = mix(base / "cache", ("a", sources["a"], 0.7), ("b", sources["b"], 0.3))
-    return base, sources, cfg, pipeline.load_dataset(cfg, SEQ_LEN, max_vocab=VOCAB)
+    return base, sources, cfg, mixture.load_dataset(cfg, SEQ_LEN, max_vocab=VOCAB)
 
 
 def test_block_counts_are_the_weights_exactly():
@@ -105,8 +105,8 @@ def test_a_phase_at_step_k_leaves_earlier_steps_unchanged_and_resumes_determinis
     ]
     later = [*phase, {"at": 60, "mixture": [{"name": "a", "source": sources["a"], "weight": 1}]}]
     both = [("a", sources["a"], 0.7), ("b", sources["b"], 0.3)]
-    phased = pipeline.load_dataset(mix(base / "cache", *both, phases=phase), SEQ_LEN)
-    more = pipeline.load_dataset(mix(base / "cache", *both, phases=later), SEQ_LEN)
+    phased = mixture.load_dataset(mix(base / "cache", *both, phases=phase), SEQ_LEN)
+    more = mixture.load_dataset(mix(base / "cache", *both, phases=later), SEQ_LEN)
     for step in range(k):
         np.testing.assert_array_equal(
             phased.train_batch(1, step, B, 0, B)["inputs"],
@@ -141,7 +141,7 @@ def test_adding_a_third_source_reuses_the_first_two(corpora, monkeypatch):
         ("c", sources["c"], 0.2),
         tokenizer=str(tokenizer),
     )
-    three = pipeline.load_dataset(given, SEQ_LEN, max_vocab=VOCAB)
+    three = mixture.load_dataset(given, SEQ_LEN, max_vocab=VOCAB)
     assert [p.data.directory for p in three.parts[:2]] == [p.data.directory for p in data.parts]
     assert calls and all("/.chunks-" in c for c in calls)
     assert {c.split("/.chunks-")[1].split("/")[0] for c in calls} == {
@@ -149,7 +149,7 @@ def test_adding_a_third_source_reuses_the_first_two(corpora, monkeypatch):
     }
     calls.clear()
     reweighted = given.model_copy(update={"mixture": given.mixture[::-1]})
-    pipeline.load_dataset(reweighted, SEQ_LEN, max_vocab=VOCAB)
+    mixture.load_dataset(reweighted, SEQ_LEN, max_vocab=VOCAB)
     assert calls == []  # reordering / reweighting never retokenizes
 
 
@@ -184,7 +184,7 @@ def test_bad_mixtures_are_one_line_and_touch_no_cache(corpora, tmp_path):
     for first, second, message in cases:
         bad = mix(base / "cache", first, second, packing="segments")  # as conversations need
         with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            pipeline.load_dataset(bad, SEQ_LEN)
+            mixture.load_dataset(bad, SEQ_LEN)
     assert snapshot(base / "cache") == before
 
 

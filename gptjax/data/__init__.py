@@ -6,6 +6,7 @@ Modules inside the package import each other as `import gptjax.data.X as X`, nev
 make an import cycle."""
 
 from gptjax.data.corpus import DataError
-from gptjax.data.pipeline import Dataset, load_dataset, prepare
+from gptjax.data.mixture import load_dataset
+from gptjax.data.pipeline import Dataset, prepare
 
 __all__ = ["DataError", "Dataset", "load_dataset", "prepare"]

@@ -32,6 +32,7 @@ from fractions import Fraction
 import numpy as np
 
 import gptjax.data.batch as batch_module
+import gptjax.data.pipeline as pipeline
 from gptjax.config import DataConfig
 from gptjax.data.corpus import DataError
 
@@ -319,7 +320,6 @@ def prepare(
     on a sample of the first phase's sources in proportion to their weights); returns their
     directories. Every source's documents are opened (paths checked) before any is written."""
     import gptjax.data.documents as docs_module
-    import gptjax.data.pipeline as pipeline
 
     found, configs = _source_configs(cfg)
     root = pipeline.cache_root(cfg)
@@ -342,7 +342,6 @@ def prepare(
 def load(cfg: DataConfig, seq_len: int, tokenizer_path=None, max_vocab=None, progress=False):
     """The Mixture of `cfg.mixture` (prepared first where not cached; several processes sharing
     a cache prepare it once)."""
-    import gptjax.data.pipeline as pipeline
     import gptjax.data.sharing as sharing
 
     found, _ = _source_configs(cfg)  # in every process, before any of them prepares
@@ -355,3 +354,12 @@ def load(cfg: DataConfig, seq_len: int, tokenizer_path=None, max_vocab=None, pro
         for e, d in zip(found, directories, strict=True)
     ]
     return Mixture(parts, phases(cfg, [e.name for e in found]), cfg.packing)
+
+
+def load_dataset(
+    cfg: DataConfig, seq_len: int, tokenizer_path=None, max_vocab=None, progress=False
+):
+    """The data of `cfg`: a Mixture for data.mixture, else pipeline.load_dataset's Dataset."""
+    if cfg.mixture is not None:
+        return load(cfg, seq_len, tokenizer_path, max_vocab, progress)
+    return pipeline.load_dataset(cfg, seq_len, tokenizer_path, max_vocab, progress)

@@ -324,10 +324,6 @@ def load_dataset(
     cache directory prepare it once (gptjax/data/sharing.py)."""
     from gptjax.data.sources import check
 
-    if cfg.mixture is not None:
-        import gptjax.data.mixture as mixture
-
-        return mixture.load(cfg, seq_len, tokenizer_path, max_vocab, progress)
     check(cfg)  # in every process, before any of them prepares
     directory = sharing.prepare_once(
         cache_root(cfg), lambda: prepare(cfg, seq_len, tokenizer_path, max_vocab, progress)
