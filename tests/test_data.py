@@ -473,7 +473,7 @@ def test_importing_the_training_path_loads_neither_tfds_nor_grain():
         "'fastapi', 'uvicorn', 'chitchat_dataset')"
     )
     code = (
-        "import sys, gptjax, gptjax.train, gptjax.data, gptjax.cli, gptjax.interop, "
+        "import sys, gptjax, gptjax.training.loop, gptjax.data, gptjax.cli, gptjax.interop, "
         "gptjax.inference.chatbot, gptjax.inference.terminal; "
         f"print(sorted(m for m in {heavy} if m in sys.modules))"
     )
