@@ -423,6 +423,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--params", action="store_true", help="also a table of every parameter")
     p.add_argument("--no-xla", action="store_true", help="skip the XLA compile (analytic only)")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="compile for N mock GPUs with XLA's GPU compiler: h100|h200|a100[:N] or a "
+        "GpuTargetConfig text file[:N] (8 per host; needs the gpu-plan extra)",
+    )
+    p.add_argument(
+        "--generate", action="store_true", help="with --target: also the prefill and decode steps"
+    )
+    p.add_argument(
+        "--rows", type=int, default=None, help="with --generate: rows to decode (default: fewest)"
+    )
     p.set_defaults(run=_plan)
 
     p = commands.add_parser("data", help="data tools: `data prepare CONFIG` caches packed tokens")

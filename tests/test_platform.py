@@ -50,6 +50,17 @@ def test_platform_of_devices():
 )
 def test_attention_choice(setting, dtype, where, expected):
     assert platform.attention(setting, dtype, where) == expected
+    assert platform.attention(setting, dtype, where, head_dim=64) == expected
+
+
+def test_cudnn_takes_head_sizes_up_to_128_in_multiples_of_8():
+    """jax.nn.dot_product_attention(implementation="cudnn") refuses other head sizes while
+    tracing; `auto` then picks xla and an explicit `cudnn` is a one-line error."""
+    assert platform.attention("auto", "bfloat16", "cuda", head_dim=128) == "cudnn"
+    assert platform.attention("auto", "bfloat16", "cuda", head_dim=256) == "xla"
+    assert platform.attention("auto", "bfloat16", "cuda", head_dim=36) == "xla"
+    with pytest.raises(ConfigError, match="a multiple of 8 and at most 128, not 256; use "):
+        platform.attention("cudnn", "bfloat16", "cuda", head_dim=256)
 
 
 @pytest.mark.parametrize(

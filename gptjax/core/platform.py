@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from gptjax.config import ConfigError, ModelConfig
 
 HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CUDNN_MAX_HEAD_DIM = 128  # jax.nn.dot_product_attention(implementation="cudnn") refuses more
 
 
 def platform_of(devices: Sequence[jax.Device]) -> str:
@@ -34,24 +35,32 @@ def platform_of(devices: Sequence[jax.Device]) -> str:
     return "rocm" if "rocm" in f"{name} {version} {device.device_kind}".lower() else "cuda"
 
 
-def attention(setting: str, dtype, platform: str) -> str:
+def attention(setting: str, dtype, platform: str, head_dim: int | None = None) -> str:
     """The attention implementation ("xla" or "cudnn") for `model.attention=setting`.
 
-    `auto` picks cuDNN flash attention on NVIDIA GPUs in bf16/f16 and XLA elsewhere; `cudnn`
-    where it cannot run is a ConfigError.
+    `auto` picks cuDNN flash attention on NVIDIA GPUs in bf16/f16 for a head size it takes (a
+    multiple of 8, at most 128; None: not checked) and XLA elsewhere; `cudnn` where it cannot
+    run is a ConfigError.
     """
     half = jnp.dtype(dtype) in HALF
     nvidia = platform == "cuda"
-    if setting == "cudnn" and not (nvidia and half):
-        need = "an NVIDIA GPU" if not nvidia else "model.dtype=bfloat16"
+    head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
+    if setting == "cudnn" and not (nvidia and half and head_ok):
+        if not nvidia:
+            need = "an NVIDIA GPU"
+        elif not half:
+            need = "model.dtype=bfloat16"
+        else:
+            need = "a head size (d_model / n_head) that is a multiple of 8 and at most "
+            need += f"{CUDNN_MAX_HEAD_DIM}, not {head_dim}"
         raise ConfigError(f"model.attention=cudnn needs {need}; use model.attention=auto or xla")
     if setting != "auto":
         return setting
-    return "cudnn" if nvidia and half else "xla"
+    return "cudnn" if nvidia and half and head_ok else "xla"
 
 
 def resolve(cfg: ModelConfig, devices: Sequence[jax.Device]) -> ModelConfig:
     """`cfg` with every platform choice made for `devices` (`model.attention: auto` -> xla or
     cudnn); what the model graph of a step is built with."""
-    impl = attention(cfg.attention, cfg.dtype, platform_of(devices))
+    impl = attention(cfg.attention, cfg.dtype, platform_of(devices), cfg.head_dim)
     return cfg if impl == cfg.attention else cfg.model_copy(update={"attention": impl})

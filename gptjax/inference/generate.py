@@ -274,6 +274,51 @@ class Generator:
         self._rows2 = NamedSharding(setup.mesh, PartitionSpec(batch_spec[0], None))
         self._scalar = NamedSharding(setup.mesh, PartitionSpec())
 
+    def plan_rows(self, rows: int | None = None) -> int:
+        """The row count a batch of `rows` prompts decodes with (None: the fewest possible)."""
+        rows = max(1 << (max(rows or 1, 1) - 1).bit_length(), self.row_multiple)
+        return -(-rows // self.row_multiple) * self.row_multiple
+
+    def lowered(self, rows: int | None = None) -> dict[str, Any]:
+        """The prefill (the longest prompt bucket) and decode programs for `rows` rows, as
+        callables that lower them on abstract inputs (`self.params` may be shapes with
+        shardings): what `gptjax plan --generate` compiles for a target."""
+        rows = self.plan_rows(rows)
+        P = bucket(self.cfg.seq_len - 1, self.cfg.seq_len)
+        shape = lambda s, dtype, where: jax.ShapeDtypeStruct(s, dtype, sharding=where)
+        row = lambda dtype: shape((rows,), dtype, self._rows)
+        scalar = lambda s, dtype: shape(s, dtype, self._scalar)
+        graphdef = self.setup.graphdef
+        prefill_args = (self.params, shape((rows, P), jnp.int32, self._rows2), row(jnp.int32))
+        settings = {
+            "temperature": row(jnp.float32),
+            "top_k": row(jnp.int32),
+            "top_p": row(jnp.float32),
+            "max_new": row(jnp.int32),
+            "row": row(jnp.int32),
+            "seed": scalar((), jnp.int32),
+            "eod": scalar((MAX_STOP_IDS,), jnp.int32),
+        }
+
+        def prefill():
+            with self.setup.activate():
+                return _prefill.lower(*prefill_args, settings["max_new"], graphdef=graphdef)
+
+        def decode():
+            out = prefill().compile()
+            cache, state = jax.tree.map(
+                lambda info, where: shape(info.shape, info.dtype, where),
+                out.out_info,
+                out.output_shardings,
+            )
+            with self.setup.activate():
+                return _decode.lower(
+                    self.params, cache, state, settings, row(jnp.bool_), scalar((), jnp.int32),
+                    graphdef=graphdef, chunk=self.chunk, vocab=self.cfg.vocab,
+                )  # fmt: skip
+
+        return {"prefill": prefill, "decode": decode}
+
     def check_prompt(self, ids: Sequence[int], where: str = "the prompt") -> None:
         if len(ids) >= self.cfg.seq_len:
             raise ConfigError(
@@ -312,8 +357,7 @@ class Generator:
                 raise ConfigError(f"prompt {i} is empty (give at least one token)")
             self.check_prompt(ids, f"prompt {i}" if n > 1 else "the prompt")
         vocab = min(vocab or self.cfg.vocab, self.cfg.vocab)
-        rows = max(1 << (n - 1).bit_length(), self.row_multiple)
-        rows = -(-rows // self.row_multiple) * self.row_multiple
+        rows = self.plan_rows(n)
         P = bucket(max(len(ids) for ids in prompts), self.cfg.seq_len)
         tokens = np.zeros((rows, P), np.int32)
         lengths = np.ones(rows, np.int32)

@@ -11,6 +11,12 @@ before JAX starts its backends; when they have already started with too few devi
 runs itself again in a fresh process). The compiled numbers are therefore XLA:CPU's: a GPU or TPU
 compiler fuses differently and may keep fewer f32 temporaries, so treat `xla_total` as an
 estimate; the analytic parameter/gradient/optimiser bytes are exact on any platform.
+
+`--target h200:64` (h100, a100, or a GpuTargetConfig file; N GPUs, 8 per host) compiles the same
+step with XLA's GPU compiler for N mock GPUs instead (gptjax/tools/gpu_target.py; needs the
+`gpu-plan` extra): the step takes the GPU's choices (cuDNN flash attention in bf16), and the
+report adds whether it fits the device memory, the cuDNN attention calls in the program and the
+compile time; `--generate` also compiles the prefill and decode programs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 import jax
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 
 from gptjax.config import Config, ConfigError
 from gptjax.core import flops, steps
+from gptjax.tools import gpu_target
 
 GiB = 2**30
 FLOPS_FORMULA = flops.FLOPS_FORMULA
@@ -137,15 +145,30 @@ def xla_memory(setup: steps.Setup, compiled: jax.stages.Compiled | None = None):
 # --- the report -------------------------------------------------------------------------------
 
 
-def plan(cfg: Config, devices: list[jax.Device], xla: bool = True) -> dict[str, Any]:
-    """The plan of `cfg` on `devices` as one JSON-ready dict (bytes are per device)."""
+def plan(
+    cfg: Config,
+    devices: list[jax.Device],
+    xla: bool = True,
+    target: gpu_target.Target | None = None,
+    generate: bool = False,
+    rows: int | None = None,
+) -> dict[str, Any]:
+    """The plan of `cfg` on `devices` as one JSON-ready dict (bytes are per device). With a
+    `target` (the devices are its mock GPUs) the report's "target" section says whether the
+    step fits and which attention it uses; `generate` adds the prefill and decode programs
+    for `rows` rows (default: the fewest the mesh's batch axes take)."""
     setup = steps.build(cfg, devices)  # every config/mesh check, before compiling
     counts = flops.param_counts(cfg.model)
     per_token = flops.flops_per_token(cfg.model)
     tokens = cfg.train.batch_size * cfg.model.seq_len
     state = state_bytes(setup)
-    memory = xla_memory(setup) if xla else None
-    return {
+    memory = compiled = None
+    if xla or target is not None:
+        start = time.perf_counter()
+        compiled = compile_step(setup)
+        seconds = time.perf_counter() - start
+        memory = xla_memory(setup, compiled)
+    report = {
         "devices": len(devices),
         "mesh": dict(setup.mesh.shape),
         "params": counts["params"],
@@ -159,8 +182,63 @@ def plan(cfg: Config, devices: list[jax.Device], xla: bool = True) -> dict[str, 
         "micro_batches": cfg.train.micro_batches,
         "bytes_per_device": {**state, "xla_total": memory["total"] if memory else None},
         "xla": memory,
+        "compiler": "XLA:GPU" if target is not None else f"XLA:{devices[0].platform.upper()}",
         "param_table": param_rows(setup),
     }
+    if target is not None:
+        train = program_report(compiled, seconds, target)
+        report["target"] = {
+            "gpu": target.kind,
+            "name": target.name,
+            "gpus": target.count,
+            "topology": target.topology,
+            "device_memory": target.memory,
+            "attention": setup.model_cfg.attention,
+            "train_step": train,
+            "fits": train["fits"],
+        }
+        if generate:
+            report["target"]["generate"] = generate_report(setup, target, rows)
+            report["target"]["fits"] = all(
+                program["fits"]
+                for program in (train, *report["target"]["generate"]["programs"].values())
+            )
+    return report
+
+
+def program_report(compiled: jax.stages.Compiled, seconds: float, target) -> dict[str, Any]:
+    """What XLA's GPU compiler says of one program: peak bytes per device (arguments +
+    outputs - donated + temporaries), whether that fits, its cuDNN attention calls, the
+    compile time in seconds."""
+    stats = compiled.memory_analysis()
+    peak = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
+    return {
+        "peak": peak,
+        "argument": stats.argument_size_in_bytes,
+        "temp": stats.temp_size_in_bytes,
+        "fits": gpu_target.fits(peak, target),
+        "cudnn_attention": gpu_target.attention_calls(compiled.as_text()),
+        "compile_s": round(seconds, 2),
+    }
+
+
+def generate_report(setup: steps.Setup, target, rows: int | None) -> dict[str, Any]:
+    """The prefill (the longest prompt) and decode programs of `gptjax sample`/`serve`,
+    compiled for the target: parameters as stored (param_dtype), a seq_len-slot KV cache."""
+    from gptjax.inference import generate
+
+    generator = generate.Generator(setup, setup.abstract_state["params"])
+    programs = {}
+    for name, lowered_fn in generator.lowered(rows).items():
+        start = time.perf_counter()
+        compiled = lowered_fn().compile()
+        programs[name] = program_report(compiled, time.perf_counter() - start, target)
+    return {"rows": generator.plan_rows(rows), "programs": programs}
 
 
 def _gib(n: int | None) -> str:
@@ -188,10 +266,12 @@ def format_text(report: dict[str, Any], show_params: bool = False) -> str:
         lines.append("  XLA analysis       skipped (--no-xla)")
     else:
         lines += [
-            f"  XLA:CPU compiled   total {_gib(memory['total'])} = arguments "
+            f"  {report['compiler']} compiled   total {_gib(memory['total'])} = arguments "
             f"{_gib(memory['argument'])} + temporaries {_gib(memory['temp'])} + outputs "
             f"{_gib(memory['output'])} - donated {_gib(memory['alias'])}",
         ]
+    if "target" in report:
+        lines += format_target(report["target"])
     if show_params:
         rows = report["param_table"]
         width = max(len(row["name"]) for row in rows)
@@ -205,6 +285,30 @@ def format_text(report: dict[str, Any], show_params: bool = False) -> str:
     return "\n".join(lines)
 
 
+def format_target(target: dict[str, Any]) -> list[str]:
+    memory = target["device_memory"]
+    attention = target["attention"]
+    lines = [
+        f"target               {target['gpus']} x {target['gpu']} (mock, {target['topology']}), "
+        f"{_gib(memory)} each",
+        f"attention            {attention}",
+    ]
+    programs = {"train step": target["train_step"]}
+    programs.update(target.get("generate", {}).get("programs", {}))
+    for name, program in programs.items():
+        verdict = "fits" if program["fits"] else "DOES NOT FIT"
+        calls = ", ".join(program["cudnn_attention"]) or "none"
+        lines.append(
+            f"  {name:<18} {verdict}: {_gib(program['peak'])} of {_gib(memory)} "
+            f"({program['peak'] / memory:.0%}); cuDNN attention calls: {calls}; "
+            f"compiled in {program['compile_s']:.1f} s"
+        )
+    if "generate" in target:
+        lines.append(f"  (generation: {target['generate']['rows']} rows, a seq_len-slot cache)")
+    lines.append("  speed: not known (XLA gives no cost analysis for a mock GPU)")
+    return lines
+
+
 def _argv(args) -> list[str]:
     argv = ["plan", args.config, *args.overrides, "--devices", str(args.devices)]
     argv += [flag for flag, on in (("--json", args.json), ("--params", args.params)) if on]
@@ -216,6 +320,10 @@ def run(args) -> int:
     from gptjax import config
 
     cfg = config.load(args.config, args.overrides)
+    if getattr(args, "target", None):
+        return _run_target(cfg, args)
+    if getattr(args, "generate", False) or getattr(args, "rows", None) is not None:
+        raise ConfigError("--generate and --rows go with --target (e.g. --target h200:8)")
     args.devices = devices_needed(cfg, args.devices)
     if args.devices < 1:
         raise ConfigError(f"--devices {args.devices}: plan needs at least one device")
@@ -224,6 +332,24 @@ def run(args) -> int:
         env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(args.devices), "JAX_PLATFORMS": "cpu"}
         return subprocess.run([sys.executable, "-m", "gptjax", *_argv(args)], env=env).returncode
     report = plan(cfg, devices, xla=not args.no_xla)
+    if args.json:
+        if not args.params:
+            report.pop("param_table")
+        print(json.dumps(report))
+    else:
+        print(format_text(report, show_params=args.params))
+    return 0
+
+
+def _run_target(cfg: Config, args) -> int:
+    """`plan --target`: the step compiled by XLA's GPU compiler for mock GPUs."""
+    target = gpu_target.parse(args.target, args.devices or gpu_target.GPUS_PER_HOST)
+    try:
+        jax.config.update("jax_platforms", "cpu")  # the process itself never needs a GPU
+    except RuntimeError:  # backends already started
+        pass
+    devices = gpu_target.devices(target)
+    report = plan(cfg, devices, target=target, generate=args.generate, rows=args.rows)
     if args.json:
         if not args.params:
             report.pop("param_table")
