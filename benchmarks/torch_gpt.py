@@ -69,7 +69,7 @@ class GPT(nn.Module):
         super().__init__()
         D, L = cfg.d_model, cfg.n_layer
         self.wte = nn.Embedding(cfg.vocab_size, D)
-        self.wpe = nn.Embedding(cfg.positions, D)
+        self.wpe = nn.Embedding(cfg.n_positions, D)
         self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.ff) for _ in range(L))
         self.ln_f = nn.LayerNorm(D, eps=1e-5)
         residual_std = 0.02 / math.sqrt(2 * L)

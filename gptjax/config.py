@@ -33,8 +33,50 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RopeScaling(_Section):
+    """How RoPE's frequencies are stretched past the trained context (transformers'
+    `rope_scaling`): `linear` divides every frequency by `factor`; `llama3` divides the low
+    frequencies by `factor`, keeps the high ones and blends between (wavelengths measured against
+    `original_max_position`); `yarn` blends interpolated and original frequencies over the
+    dimensions between `beta_slow` and `beta_fast` rotations and scales the rotated q and k by
+    `attention_factor` (default 0.1 ln(factor) + 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["linear", "llama3", "yarn"]
+    factor: float = Field(gt=0.0)
+    original_max_position: int | None = Field(
+        None, gt=0, description="llama3, yarn: the context the model was trained at"
+    )
+    low_freq_factor: float = Field(1.0, gt=0.0, description="llama3")
+    high_freq_factor: float = Field(4.0, gt=0.0, description="llama3")
+    beta_fast: float = Field(32.0, gt=0.0, description="yarn")
+    beta_slow: float = Field(1.0, gt=0.0, description="yarn")
+    truncate: bool = Field(True, description="yarn: round the blend range to whole dimensions")
+    attention_factor: float | None = Field(None, gt=0.0, description="yarn")
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScaling:
+        if self.type in ("llama3", "yarn") and self.original_max_position is None:
+            raise ValueError(
+                f"model.rope_scaling.type={self.type} needs "
+                "model.rope_scaling.original_max_position"
+            )
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                "model.rope_scaling.high_freq_factor must exceed model.rope_scaling.low_freq_factor"
+            )
+        return self
+
+
+def window_of(kind: str) -> int | None:
+    """The window W of an attention_pattern entry ("local:W"), None for "dense"."""
+    return None if kind == "dense" else int(kind.split(":", 1)[1])
+
+
 class ModelConfig(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: a static jit argument
+    # frozen: hashable, a static jit argument; `head_dim` is the key, `head_size` the field
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     vocab_size: int = Field(8192, gt=0)
     seq_len: int = Field(256, gt=0)
@@ -59,12 +101,47 @@ class ModelConfig(_Section):
         description="ids at or above this are padding (never predicted, no probability); "
         "default: all of vocab_size",
     )
+    # --- the block (defaults: GPT-2's) ---
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0.0, description="every norm's epsilon (GPT-2: 1e-5)")
+    norm_placement: Literal["pre", "post"] = Field(
+        "pre", description="pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (GPT-1)"
+    )
+    final_norm: bool = Field(True, description="a norm after the last block (GPT-1: none)")
+    positions: Literal["learned", "rope", "none"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0.0)
+    rope_scaling: RopeScaling | None = None
+    n_kv_head: int | None = Field(None, gt=0, description="key/value heads; default n_head")
+    head_size: int | None = Field(
+        None, gt=0, alias="head_dim", description="per-head width; default d_model // n_head"
+    )
+    qkv_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys")
+    attention_pattern: tuple[str, ...] = Field(
+        ("dense",),
+        min_length=1,
+        description='"dense" or "local:W" (a query sees itself and the W-1 tokens before it) '
+        "per layer, repeated over the layers",
+    )
+    attention_sinks: bool = Field(False, description="a learned logit per head in every softmax")
+    attention_scale: float | None = Field(
+        None, gt=0.0, description="score scale; default 1/sqrt(head_dim) (GPT-Neo: 1.0)"
+    )
+    mlp: Literal["gelu_tanh", "gelu", "swiglu", "relu2"] = "gelu_tanh"
+    embed_scale: float = Field(1.0, gt=0.0, description="token embeddings times this")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.d_model % self.n_head:
+        if self.head_size is None and self.d_model % self.n_head:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
+                "; set model.head_dim"
+            )
+        if self.n_head % self.kv_heads:
+            raise ValueError(
+                f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}"
             )
         if self.loss_chunk and self.seq_len % self.loss_chunk:
             raise ValueError(
@@ -78,6 +155,24 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"model.seq_len={self.seq_len} exceeds model.max_positions={self.max_positions}"
             )
+        for kind in self.attention_pattern:
+            _, colon, width = kind.partition(":")
+            if kind != "dense" and not (
+                kind.startswith("local:") and width.isdigit() and int(width) > 0
+            ):
+                raise ValueError(
+                    f'model.attention_pattern entry {kind!r}: use "dense" or "local:W" '
+                    "(W a positive window, e.g. local:256)"
+                )
+        if self.n_layer % len(self.attention_pattern):
+            raise ValueError(
+                f"model.attention_pattern has {len(self.attention_pattern)} entries, which does "
+                f"not divide model.n_layer={self.n_layer}"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"model.positions=rope needs an even head size, not {self.head_dim}")
+        if self.rope_scaling is not None and self.positions != "rope":
+            raise ValueError("model.rope_scaling applies to model.positions=rope")
         return self
 
     @property
@@ -85,12 +180,24 @@ class ModelConfig(_Section):
         return self.d_ff or 4 * self.d_model
 
     @property
-    def positions(self) -> int:
+    def n_positions(self) -> int:
+        """The context the model can address: the learned table's size (max_positions or
+        seq_len); rotary and position-free models use the same bound."""
         return self.max_positions or self.seq_len
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (n_kv_head, default n_head): n_head / kv_heads queries share one."""
+        return self.n_kv_head or self.n_head
+
+    def windows(self) -> list[int | None]:
+        """The attention window of every layer (None: dense), the pattern repeated."""
+        reps = self.n_layer // len(self.attention_pattern)
+        return [window_of(kind) for kind in self.attention_pattern] * reps
 
     @property
     def vocab(self) -> int:

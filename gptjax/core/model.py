@@ -1,8 +1,14 @@
-"""The GPT-2 architecture in Flax NNX, layers stacked and run with `lax.scan`.
+"""The GPT family in Flax NNX: one block whose options are config keys, layers stacked and
+run with `lax.scan`.
 
-Every parameter carries logical axis names (`out_sharding` metadata); the model knows no mesh.
-Shapes use B batch, T sequence, D d_model, N heads, H head_dim, F d_ff, V vocab, L layers.
-Parameters are kept in `param_dtype` (f32); matmuls run in `dtype` (bf16 or f32); layer norms,
+GPT-2's block is the default (pre-LayerNorm, learned positions, tanh-GELU MLP, dense multi-head
+attention, biases everywhere, a final LayerNorm, tied head); the options (docs/models.md) choose
+the norm and where it sits, the positions, grouped-query heads, biases, qk-norm, a per-layer
+dense / sliding-window pattern, sinks, the score scale and the MLP. Every parameter carries
+logical axis names (`out_sharding` metadata) and its weight decay, declared where it is created;
+the model knows no mesh. Shapes use B batch, T sequence, D d_model, N heads, K key/value heads,
+H head_dim, F d_ff, V vocab, L layers, P the attention pattern's length.
+Parameters are kept in `param_dtype` (f32); matmuls run in `dtype` (bf16 or f32); norms,
 softmax statistics and logits are f32.
 """
 
@@ -10,18 +16,26 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.core import platform
+from gptjax.core import attention as attn
+from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know it)
+    CACHE_AXES,
+    Context,
+    attention_impl,
+    cache_bytes_per_token,
+    constrain_cache,
+    grow_cache,
+    init_cache,
+    shift_cache,
+)
 from gptjax.core.loss import logits as logits_of
 from gptjax.core.sharding import constrain
-
-LN_EPS = 1e-5  # GPT-2's layer-norm epsilon
 
 REMAT_POLICIES = {
     "full": None,
@@ -54,45 +68,69 @@ def _param(
 
 
 class Blocks(nnx.Module):
-    """All n_layer transformer blocks, each parameter stacked along a leading `layers` axis."""
+    """All n_layer transformer blocks, each parameter stacked along a leading `layers` axis.
+    A switched-off option creates no parameter (no bias, no position table, ...)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        L, D, N, H, F = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_dim, cfg.ff
+        L, D, N, K, H, F = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.ff
         dt = jnp.dtype(cfg.param_dtype)
         residual_std = 0.02 / math.sqrt(2 * L)  # GPT-2: scale residual projections
         norm = ("layers", "embed")
+        weight = lambda shape, names, std=0.02: _param(rngs, shape, names, std, 0, dt, decay=True)
+        const = lambda shape, names, fill=0.0: _param(
+            rngs, shape, names, None, fill, dt, decay=False
+        )
         # attention
-        self.ln1_scale = _param(rngs, (L, D), norm, None, 1.0, dt, decay=False)
-        self.ln1_bias = _param(rngs, (L, D), norm, None, 0.0, dt, decay=False)
-        self.qkv_w = _param(
-            rngs, (L, D, 3, N, H), ("layers", "embed", "qkv", "heads", "head_dim"), 0.02, 0, dt,
-            decay=True,
-        )  # fmt: skip
-        self.qkv_b = _param(
-            rngs, (L, 3, N, H), ("layers", "qkv", "heads", "head_dim"), None, 0, dt, decay=False
-        )
-        self.out_w = _param(
-            rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), residual_std, 0, dt,
-            decay=True,
-        )  # fmt: skip
-        self.out_b = _param(rngs, (L, D), norm, None, 0.0, dt, decay=False)
+        self.ln1_scale = const((L, D), norm, 1.0)
+        if cfg.norm == "layernorm":
+            self.ln1_bias = const((L, D), norm)
+        if K == N:  # GPT-2's fused layout
+            self.qkv_w = weight((L, D, 3, N, H), ("layers", "embed", "qkv", "heads", "head_dim"))
+            if cfg.qkv_bias:
+                self.qkv_b = const((L, 3, N, H), ("layers", "qkv", "heads", "head_dim"))
+        else:  # grouped heads: queries, and keys + values of K heads
+            self.q_w = weight((L, D, N, H), ("layers", "embed", "heads", "head_dim"))
+            self.kv_w = weight((L, D, 2, K, H), ("layers", "embed", "qkv", "kv_heads", "head_dim"))
+            if cfg.qkv_bias:
+                self.q_b = const((L, N, H), ("layers", "heads", "head_dim"))
+                self.kv_b = const((L, 2, K, H), ("layers", "qkv", "kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = const((L, H), ("layers", "head_dim"), 1.0)
+            self.k_norm = const((L, H), ("layers", "head_dim"), 1.0)
+        if cfg.attention_sinks:
+            self.sinks = const((L, N), ("layers", "heads"))
+        self.out_w = weight((L, N, H, D), ("layers", "heads", "head_dim", "embed"), residual_std)
+        if cfg.attn_out_bias:
+            self.out_b = const((L, D), norm)
         # MLP
-        self.ln2_scale = _param(rngs, (L, D), norm, None, 1.0, dt, decay=False)
-        self.ln2_bias = _param(rngs, (L, D), norm, None, 0.0, dt, decay=False)
-        self.fc_w = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), 0.02, 0, dt, decay=True)
-        self.fc_b = _param(rngs, (L, F), ("layers", "mlp"), None, 0.0, dt, decay=False)
-        self.proj_w = _param(
-            rngs, (L, F, D), ("layers", "mlp", "embed"), residual_std, 0, dt, decay=True
-        )
-        self.proj_b = _param(rngs, (L, D), norm, None, 0.0, dt, decay=False)
+        self.ln2_scale = const((L, D), norm, 1.0)
+        if cfg.norm == "layernorm":
+            self.ln2_bias = const((L, D), norm)
+        self.fc_w = weight((L, D, F), ("layers", "embed", "mlp"))
+        if cfg.mlp == "swiglu":
+            self.gate_w = weight((L, D, F), ("layers", "embed", "mlp"))
+        if cfg.mlp_bias:
+            self.fc_b = const((L, F), ("layers", "mlp"))
+            if cfg.mlp == "swiglu":
+                self.gate_b = const((L, F), ("layers", "mlp"))
+        self.proj_w = weight((L, F, D), ("layers", "mlp", "embed"), residual_std)
+        if cfg.mlp_bias:
+            self.proj_b = const((L, D), norm)
 
 
-def layer_norm(x_BTD, scale_D, bias_D, dtype):
+def norm(x_BTD, scale_D, bias_D, cfg: ModelConfig):
+    """LayerNorm (scale and bias) or RMSNorm (scale; `bias_D` None), in f32, to cfg.dtype."""
     x = x_BTD.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + LN_EPS)
-    return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(dtype)
+    if cfg.norm == "rmsnorm":
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + cfg.norm_eps)
+    else:
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    y = y * scale_D.astype(jnp.float32)
+    if bias_D is not None:
+        y = y + bias_D.astype(jnp.float32)
+    return y.astype(cfg.dtype)
 
 
 def _dropout(x, rate: float, key):
@@ -102,140 +140,52 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attention_impl(setting: str, dtype) -> str:
-    """The attention implementation for `model.attention`. `steps.build` has already resolved
-    `auto` for the devices the step is built for (gptjax/core/platform.py); a model used on its
-    own resolves it for the default backend's devices."""
-    if setting != "auto":
-        return setting
-    return platform.attention(setting, dtype, platform.platform_of(jax.devices()))
+# --- one block: attention, then the MLP ---------------------------------------------------------
 
-
-# --- the KV cache -------------------------------------------------------------------------------
-# A static cache of S slots per row, filled left to right by `GPT.extend`:
-#   k, v         [L, B, N, S, H]  keys and values of every layer (compute dtype); heads before
-#                                 slots, so one new token's attention reads them in place
-#   segment_ids  [B, S]           the segment of the token in each slot (0: padding or empty)
-#   index        []               the next slot to write (the same for every row)
-# A query attends to the slots at or before its own whose segment equals its own, so rows of
-# different lengths share one cache when their prompts are left-padded with segment 0.
-
-CACHE_AXES = {
-    "k": ("layers", "batch", "heads", "seq", "head_dim"),
-    "v": ("layers", "batch", "heads", "seq", "head_dim"),
-    "segment_ids": ("batch", "seq"),
-    "index": (),
+ACTIVATIONS = {
+    "gelu_tanh": lambda h: jax.nn.gelu(h, approximate=True),  # GPT-2's "gelu_new"
+    "gelu": lambda h: jax.nn.gelu(h, approximate=False),  # the exact erf form (GPT-1 in HF)
+    "relu2": lambda h: jnp.square(jax.nn.relu(h)),
 }
 
 
-def init_cache(cfg: ModelConfig, batch: int, slots: int | None = None) -> dict[str, jax.Array]:
-    """An empty cache of `slots` (default seq_len) positions for `batch` rows."""
-    S = slots or cfg.seq_len
-    shape = (cfg.n_layer, batch, cfg.n_head, S, cfg.head_dim)
-    return {
-        "k": jnp.zeros(shape, cfg.dtype),
-        "v": jnp.zeros(shape, cfg.dtype),
-        "segment_ids": jnp.zeros((batch, S), jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
-
-
-# --- one block: attention, then the MLP ---------------------------------------------------------
-
-
-class Context(NamedTuple):
-    """Where the tokens of a call sit: what attention needs besides the activations.
-
-    `positions` [B, T] (GPT-2 adds its learned positions at the embedding; a rotary variant
-    would read them in attention), `segment_ids` [B, T] (None: one causal sequence, the fast
-    path), and for a cached call the `index` of the first new slot and the cache's
-    `cache_segments` [B, S].
-    """
-
-    positions: jax.Array | None = None
-    segment_ids: jax.Array | None = None
-    index: jax.Array | None = None
-    cache_segments: jax.Array | None = None
-
-
-def attention(p, h_BTD, cfg: ModelConfig, where: Context, kv=None):
-    """Multi-head causal self-attention. `kv` = (k, v, layer): the whole cache's keys and
-    values [L, B, N, S, H] and this layer's index, or None; returns (output [B, T, D], the
-    updated whole-cache (k, v) or None). The new keys and values are written in place (one slice of
-    the whole cache), so a decode step moves no more of the cache than attention reads."""
-    dt = jnp.dtype(cfg.dtype)
-    qkv = jnp.einsum("btd,dcnh->btcnh", h_BTD, p["qkv_w"]) + p["qkv_b"]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
-    q = constrain(q, ("batch", "seq", "heads", "head_dim"))
-    if kv is not None:  # write the new keys and values at slots index..index+T-1
-        k_all, v_all, layer = kv
-        at = (layer, 0, 0, where.index, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k.swapaxes(1, 2)[None].astype(k_all.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v.swapaxes(1, 2)[None].astype(v_all.dtype), at)
-        k_all = constrain(k_all, CACHE_AXES["k"])
-        v_all = constrain(v_all, CACHE_AXES["v"])
-        kv = (k_all, v_all)
-        k = constrain(k_all[layer], CACHE_AXES["k"][1:])
-        v = constrain(v_all[layer], CACHE_AXES["v"][1:])
-        T, S = q.shape[1], k.shape[2]
-        q_slot = where.index + jnp.arange(T)
-        mask = q_slot[:, None] >= jnp.arange(S)[None, :]  # causal, by slot
-        same = where.segment_ids[:, :, None] == where.cache_segments[:, None, :]
-        a = _cached_attention(q, k, v, mask[None] & same)
-    elif where.segment_ids is not None:  # packed documents never see each other
-        T = q.shape[1]
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        same = where.segment_ids[:, :, None] == where.segment_ids[:, None, :]
-        mask = (causal[None] & same)[:, None]
-        a = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    else:
-        a = jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=attention_impl(cfg.attention, dt)
-        )
-    return jnp.einsum("btnh,nhd->btd", a, p["out_w"]) + p["out_b"], kv
-
-
-def _cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS):
-    """Attention of T new tokens over the cache's S slots. Written as two einsums on the
-    cache's [B, N, S, H] layout: for one new token each is a matrix-vector product per (row,
-    head) that reads the cache once, in place (5x faster on a CPU than transposing the cache
-    for `dot_product_attention`). Scores and softmax in f32."""
-    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
-    scores = jnp.einsum("btnh,bnsh->bnts", q_BTNH, k_BNSH, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_BTS[:, None], scores * scale, -1e30)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v_BNSH.dtype)
-    return jnp.einsum("bnts,bnsh->btnh", weights, v_BNSH)
-
-
 def mlp(p, h_BTD, cfg: ModelConfig):
-    """The position-wise MLP: D -> F (GELU, tanh form as GPT-2) -> D."""
-    del cfg
-    h = jnp.einsum("btd,df->btf", h_BTD, p["fc_w"]) + p["fc_b"]
-    h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "seq", "mlp"))
-    return jnp.einsum("btf,fd->btd", h, p["proj_w"]) + p["proj_b"]
+    """The position-wise MLP: D -> F (model.mlp's activation; swiglu: silu(gate) · up) -> D."""
+    bias = lambda name: p[name] if name in p else 0
+    h = jnp.einsum("btd,df->btf", h_BTD, p["fc_w"]) + bias("fc_b")
+    if cfg.mlp == "swiglu":
+        gate = jnp.einsum("btd,df->btf", h_BTD, p["gate_w"]) + bias("gate_b")
+        h = jax.nn.silu(gate) * h
+    else:
+        h = ACTIVATIONS[cfg.mlp](h)
+    h = constrain(h, ("batch", "seq", "mlp"))
+    return jnp.einsum("btf,fd->btd", h, p["proj_w"]) + bias("proj_b")
 
 
-def block(p: dict[str, jax.Array], x_BTD, cfg: ModelConfig, where: Context, kv=None, key=None):
-    """One pre-LayerNorm GPT-2 block on one layer's parameters `p` (no layers axis).
+def block(p, x_BTD, cfg: ModelConfig, where: Context, window=None, kv=None, key=None):
+    """One block on one layer's parameters `p` (no layers axis): pre-norm x + f(norm(x)) or
+    post-norm norm(x + f(x)), for attention (`window`: None dense, W local) then the MLP.
 
-    `kv`: (k, v, layer) as for attention(). Returns (x [B, T, D], the updated whole-cache
-    (k, v), or None without a cache)."""
+    `kv`: (k, v, group) as for attention(). Returns (x [B, T, D], the updated (k, v), or None
+    without a cache)."""
     dt = jnp.dtype(cfg.dtype)
     keys = jax.random.split(key, 2) if key is not None else (None, None)
     cast = {name: value.astype(dt) for name, value in p.items()}
+    norm1 = lambda x: norm(x, p["ln1_scale"], p.get("ln1_bias"), cfg)
+    norm2 = lambda x: norm(x, p["ln2_scale"], p.get("ln2_bias"), cfg)
+    pre = cfg.norm_placement == "pre"
 
-    h = layer_norm(x_BTD, p["ln1_scale"], p["ln1_bias"], dt)
-    a, kv = attention(cast, h, cfg, where, kv)
+    a, kv = attn.attention(cast, norm1(x_BTD) if pre else x_BTD, cfg, where, window, kv)
     x_BTD = x_BTD + _dropout(a, cfg.dropout, keys[0])
-    x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+    x_BTD = constrain(x_BTD if pre else norm1(x_BTD), ("batch", "seq", "embed"))
 
-    h = layer_norm(x_BTD, p["ln2_scale"], p["ln2_bias"], dt)
-    x_BTD = x_BTD + _dropout(mlp(cast, h, cfg), cfg.dropout, keys[1])
-    return constrain(x_BTD, ("batch", "seq", "embed")), kv
+    m = mlp(cast, norm2(x_BTD) if pre else x_BTD, cfg)
+    x_BTD = x_BTD + _dropout(m, cfg.dropout, keys[1])
+    return constrain(x_BTD if pre else norm2(x_BTD), ("batch", "seq", "embed")), kv
 
 
 class GPT(nnx.Module):
-    """GPT-2: token + learned position embeddings, n_layer pre-LN blocks, final LN, tied head."""
+    """Token embeddings (+ learned positions), n_layer blocks, a final norm, the head."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -243,13 +193,16 @@ class GPT(nnx.Module):
         self.wte = _param(
             rngs, (V, D), ("vocab", "embed"), 0.02, 0, dt, decay=True, embedding="token"
         )
-        self.wpe = _param(
-            rngs, (cfg.positions, D), ("positions", "embed"), 0.01, 0, dt,
-            decay=True, embedding="position",
-        )  # fmt: skip
+        if cfg.positions == "learned":
+            self.wpe = _param(
+                rngs, (cfg.n_positions, D), ("positions", "embed"), 0.01, 0, dt,
+                decay=True, embedding="position",
+            )  # fmt: skip
         self.blocks = Blocks(cfg, rngs)
-        self.ln_f_scale = _param(rngs, (D,), ("embed",), None, 1.0, dt, decay=False)
-        self.ln_f_bias = _param(rngs, (D,), ("embed",), None, 0.0, dt, decay=False)
+        if cfg.final_norm:
+            self.ln_f_scale = _param(rngs, (D,), ("embed",), None, 1.0, dt, decay=False)
+            if cfg.norm == "layernorm":
+                self.ln_f_bias = _param(rngs, (D,), ("embed",), None, 0.0, dt, decay=False)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), 0.02, 0, dt, decay=True)
 
@@ -260,59 +213,97 @@ class GPT(nnx.Module):
         # where data and fsdp are both > 1 ("Involuntary full rematerialization").
         table = constrain(self.wte[...], (None, None))
         x = jnp.take(table, tokens_BT, axis=0)
-        if positions_BT is None:  # 0..T-1: a slice (the pretraining fast path)
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
+        if cfg.positions != "learned":
+            pass
+        elif positions_BT is None:  # 0..T-1: a slice (the pretraining fast path)
             x = x + self.wpe[...][: tokens_BT.shape[1]]
         else:
             x = x + jnp.take(constrain(self.wpe[...], (None, None)), positions_BT, axis=0)
         return constrain(x.astype(cfg.dtype), ("batch", "seq", "embed"))
 
-    def _layers(self, x, where: Context, cache=None, key=None):
-        """Run every block (scanned or unrolled); returns (x, the updated cache's (k, v)).
-
-        The cache travels with the activations (the loop's carry) and each layer writes its
-        new keys and values into it in place."""
+    def _final_norm(self, x):
         cfg = self.cfg
+        if not cfg.final_norm:
+            return x.astype(cfg.dtype)
+        bias = self.ln_f_bias[...] if cfg.norm == "layernorm" else None
+        return norm(x, self.ln_f_scale[...], bias, cfg)
+
+    def _layers(self, x, where: Context, cache=None, key=None):
+        """Run every block; returns (x, the updated cache's (k, v) tuples, or None).
+
+        The attention pattern's P places have static windows, so the scan runs over the L/P
+        groups of P consecutive layers (P = 1 for a uniform pattern: one layer a step). The cache
+        travels with the activations (the loop's carry) and each layer writes its new keys and
+        values into it in place. Remat wraps each layer."""
+        cfg = self.cfg
+        P = len(cfg.attention_pattern)
+        windows = cfg.windows()[:P]
         keys = None
         if key is not None and cfg.dropout > 0:
             key, embed_key = jax.random.split(key)
             x = _dropout(x, cfg.dropout, embed_key)
             keys = jax.random.split(key, cfg.n_layer)
         stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
-        kv = None if cache is None else (cache["k"], cache["v"])
+        kv = None if cache is None else tuple(zip(cache["k"], cache["v"], strict=True))
 
-        def body(carry, layer):
-            x, kv = carry
-            p, layer_key, index = layer
-            x, kv = block(p, x, cfg, where, None if kv is None else (*kv, index), layer_key)
-            return (x, kv), None
+        def layer(j, p, x, kv_j, group, layer_key):
+            return block(p, x, cfg, where, windows[j], None if kv_j is None else (*kv_j, group),
+                         layer_key)  # fmt: skip
 
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+
+        def run_group(x, kv, p_group, keys_group, group):
+            kv = list(kv) if kv is not None else None
+            for j in range(P):
+                pick = lambda tree, j=j: (
+                    None if tree is None else jax.tree.map(lambda a: a[j], tree)
+                )
+                x, new = layer(j, pick(p_group), x, None if kv is None else kv[j], group,
+                               pick(keys_group))  # fmt: skip
+                if kv is not None:
+                    kv[j] = new
+            return x, None if kv is None else tuple(kv)
+
+        G = cfg.n_layer // P
+        split = lambda tree: None if tree is None else jax.tree.map(
+            lambda a: a.reshape(G, P, *a.shape[1:]), tree
+        )  # fmt: skip
+        stacked, keys = split(stacked), split(keys)
         if cfg.scan_layers:
-            layers = jnp.arange(cfg.n_layer)
-            (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, keys, layers))
-            return x, kv
-        for i in range(cfg.n_layer):
-            pick = lambda tree, i=i: None if tree is None else jax.tree.map(lambda a: a[i], tree)
-            (x, kv), _ = body((x, kv), (pick(stacked), pick(keys), i))
-        return x, kv
+
+            def body(carry, group):
+                x, kv = carry
+                p_group, keys_group, index = group
+                return run_group(x, kv, p_group, keys_group, index), None
+
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, keys, jnp.arange(G)))
+        else:
+            for g in range(G):
+                pick = lambda tree, g=g: (
+                    None if tree is None else jax.tree.map(lambda a: a[g], tree)
+                )
+                x, kv = run_group(x, kv, pick(stacked), pick(keys), g)
+        if kv is None:
+            return x, None
+        return x, (tuple(k for k, _ in kv), tuple(v for _, v in kv))
 
     def hidden(self, tokens_BT, key=None, *, positions_BT=None, segment_ids_BT=None) -> jax.Array:
-        """Final-layer-normed hidden states [B, T, D] in the compute dtype (training, eval).
+        """Final-normed hidden states [B, T, D] in the compute dtype (training, eval).
 
         `positions_BT` None means 0..T-1; `segment_ids_BT` None means one causal sequence per
         row; with segment ids, attention stays inside each segment."""
-        cfg = self.cfg
         x = self._embed(tokens_BT, positions_BT)
         x, _ = self._layers(x, Context(positions_BT, segment_ids_BT), key=key)
-        return layer_norm(x, self.ln_f_scale[...], self.ln_f_bias[...], cfg.dtype)
+        return self._final_norm(x)
 
     def extend(self, tokens_BT, positions_BT, cache, segment_ids_BT=None, *, last_only=False):
         """Append T tokens to the KV cache (prefill: the prompt; decode: T=1) and return
         (logits [B, T, V] f32, the updated cache). `segment_ids_BT` defaults to 1 (0 marks
         left padding that nothing attends to). `last_only`: logits of the last token only
         ([B, 1, V]; a prefill needs no more, and the head is most of its work)."""
-        cfg = self.cfg
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
         index = cache["index"]
@@ -322,7 +313,7 @@ class GPT(nnx.Module):
         x, (k, v) = self._layers(x, where, cache)
         if last_only:
             x = x[:, -1:]
-        h = layer_norm(x, self.ln_f_scale[...], self.ln_f_bias[...], cfg.dtype)
+        h = self._final_norm(x)
         new_cache = {"k": k, "v": v, "segment_ids": segments, "index": index + tokens_BT.shape[1]}
         return self.logits(h), new_cache
 

