@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -155,3 +156,91 @@ def test_family_logits_match_numpy_float64(family):
     np.testing.assert_allclose(
         np.asarray(logits), numpy_forward(cfg, params, tokens), rtol=2e-5, atol=2e-5
     )
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"type": "linear", "factor": 4.0},
+        {"type": "llama3", "factor": 32.0, "original_max_position": 8192},
+        {"type": "llama3", "factor": 8.0, "original_max_position": 2048, "high_freq_factor": 2.0},
+        {"type": "yarn", "factor": 32.0, "original_max_position": 4096},
+        {"type": "yarn", "factor": 32.0, "original_max_position": 4096, "truncate": False},
+    ],
+    ids=lambda s: "-".join(str(v) for v in s.values()),
+)
+def test_rope_scaling_frequencies_match_transformers(scaling):
+    """Inverse frequencies and the cos/sin factor of each scaling against transformers' own
+    RoPE initialisers (the functions its Llama, Qwen2 and gpt-oss models call)."""
+    pytest.importorskip("torch")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta = 150000.0
+    cfg = family_cfg(
+        positions="rope", d_model=256, n_head=4, head_dim=64, rope_theta=theta,
+        rope_scaling=scaling,
+    )  # fmt: skip
+    s = cfg.rope_scaling
+    hf_params = {"rope_type": s.type, "rope_theta": theta, "factor": s.factor}
+    if s.type != "linear":
+        hf_params["original_max_position_embeddings"] = s.original_max_position
+    if s.type == "llama3":
+        hf_params |= {"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
+    if s.type == "yarn":
+        hf_params |= {"beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "truncate": s.truncate}
+    hf = LlamaConfig(
+        hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=131072,
+        rope_parameters=hf_params,
+    )  # fmt: skip
+    want, want_factor = ROPE_INIT_FUNCTIONS[hf_params["rope_type"]](hf, "cpu")
+    got, got_factor = attention.rope_frequencies(cfg)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+    assert got_factor == pytest.approx(want_factor, rel=1e-9)
+
+
+CACHED = family_cfg(
+    vocab_size=128, seq_len=40, n_layer=4, n_head=4, n_kv_head=2, norm="rmsnorm",
+    positions="rope", mlp="swiglu", qkv_bias=True, attn_out_bias=False, mlp_bias=False,
+    attention_pattern=("local:5", "dense"), attention_sinks=True,
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position": 16},
+)  # fmt: skip
+
+
+def test_kv_cache_with_windows_gqa_rope_sinks_equals_full_recompute():
+    """Two left-padded prompts (9 and 3 tokens: one longer than the window of 5, so the ring
+    wraps within the prefill), then 14 tokens one at a time, far past the window: each step's
+    logits equal running the row's real tokens from scratch. The local layers keep a ring of 5
+    slots, the dense ones all 40."""
+    cfg = CACHED
+    gpt = nnx.merge(model.abstract(cfg)[0], random_params(cfg, seed=3))
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(1, 128, 9)), list(rng.integers(1, 128, 3))]
+    P = 9
+    tokens, segments, positions = (np.zeros((2, P), np.int32) for _ in range(3))
+    for row, prompt in enumerate(prompts):
+        tokens[row, P - len(prompt) :] = prompt
+        segments[row, P - len(prompt) :] = 1
+        positions[row, P - len(prompt) :] = np.arange(len(prompt))
+    cache = model.init_cache(cfg, 2, slots=P)  # as generate does: prefill into P slots, grow
+    assert [k.shape[3] for k in cache["k"]] == [5, 9]
+    extend = jax.jit(lambda t, p, c, s=None: gpt.extend(t, p, c, s))
+    logits, cache = extend(tokens, positions, cache, segments)
+    cache = model.grow_cache(cfg, cache, cfg.seq_len)
+    assert [k.shape[3] for k in cache["k"]] == [5, 40] and cache["k"][0].shape[2] == 2
+    seqs = [list(p) for p in prompts]
+    got = [[np.asarray(logits[r, -1])] for r in range(2)]
+    for _ in range(14):
+        nxt = np.array([[int(np.argmax(g[-1]))] for g in got], np.int32)
+        for r in range(2):
+            seqs[r].append(int(nxt[r, 0]))
+        pos = np.array([[len(s) - 1] for s in seqs], np.int32)
+        logits, cache = extend(nxt, pos, cache)
+        for r in range(2):
+            got[r].append(np.asarray(logits[r, 0]))
+    recompute = jax.jit(lambda t: gpt(t))
+    for r in range(2):
+        full = np.asarray(recompute(jnp.asarray([seqs[r]], jnp.int32)))[0]
+        np.testing.assert_allclose(
+            np.stack(got[r]), full[len(prompts[r]) - 1 :], atol=1e-4, rtol=1e-4
+        )
