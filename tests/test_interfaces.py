@@ -225,8 +225,9 @@ def test_one_process_asking_for_several_hosts_gets_one_line(tmp_path, cache_dir)
 
 
 def test_sources_come_from_one_registry(tmp_path, cache_dir, monkeypatch):
-    with pytest.raises(config.ConfigError, match="unknown source; use 'stdlib', 'text_dir:PATH'"):
-        config.load(None, ["data.source=books:x"])
+    # the config parses; the data side (which knows the registry) refuses the unknown source
+    with pytest.raises(DataError, match="unknown source; use 'stdlib', 'text_dir:PATH'"):
+        sources.check(config.load(None, ["data.source=books:x"]).data)
     # adding a source: one module and one entry
     module = types.ModuleType("gptjax_test_lines")
     module.documents = lambda arg: (
