@@ -26,7 +26,12 @@ def _train(args) -> int:
 
     debug = ["debug.enabled=true"] if args.debug else []
     cfg = config.load(args.config, [*args.overrides, *debug])
-    result = loop.train(cfg, progress=not args.no_progress)
+    task_eval = None
+    if cfg.train.eval_tasks:  # resolved now: an unknown task is one line before any training
+        from gptjax.evaluation.during_training import TrainingTasks
+
+        task_eval = TrainingTasks(cfg)
+    result = loop.train(cfg, progress=not args.no_progress, task_eval=task_eval)
     if jax.process_index() == 0:  # one summary line per run, not per process
         print(json.dumps(result))
     return 0

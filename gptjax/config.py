@@ -347,6 +347,15 @@ class TrainConfig(_Section):
         description="stop (with a checkpoint) after this step, as if preempted; the schedule "
         "still runs to train.steps; 0: off",
     )
+    eval_tasks: list[str] = Field(
+        [],
+        description="tasks (built-in names or task files, docs/evaluation.md) scored at every "
+        "eval_every and at the end, logged as eval/TASK/acc and eval/TASK/acc_norm",
+    )
+    eval_shots: int = Field(0, ge=0, description="few-shot examples before each eval_tasks prompt")
+    eval_limit: int | None = Field(
+        None, gt=0, description="score the first N examples of each eval_tasks task; None: all"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

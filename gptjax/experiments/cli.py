@@ -254,9 +254,10 @@ def _emit(args) -> int:
 def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metric",
-        choices=("eval_bpb", "eval_loss"),
         default=None,
-        help="the loss to fit (default: the spec's fit.metric, else eval_bpb)",
+        help="the loss to fit: eval_bpb, eval_loss, or a train.eval_tasks column such as "
+        "eval/TASK/acc (fitted as its error, 1 - acc) (default: the spec's fit.metric, "
+        "else eval_bpb)",
     )
     p.add_argument(
         "--params",

@@ -15,6 +15,10 @@
 - Intervals: percentile bootstrap (resampling runs, within each budget for IsoFLOP).
 - Hold-out: the parametric fit without the largest-compute group(s), and its error on them.
 
+The metric is a loss (eval_bpb, eval_loss) or a task's number logged by train.eval_tasks:
+eval/TASK/ppl is fitted as it is, an accuracy (eval/TASK/acc, eval/TASK/acc_norm) as its error
+rate 1 - acc, so that lower is better and a floor E is the error the law tends to.
+
 Needs scipy (the `sweep` extra), imported when a fit runs.
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.experiments.spec import SweepError
+from gptjax.experiments.spec import TASK_METRIC, SweepError, metric_problem
 
 # Chinchilla's parametric fit (Hoffmann et al. 2022), for reference lines.
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -46,6 +50,22 @@ START_GRID = np.array(
         )
     )
 )
+
+
+def check_metric(metric: str) -> str:
+    """The metric, if it is one a fit takes (else a SweepError naming the choices)."""
+    if problem := metric_problem(metric):
+        raise SweepError(problem)
+    return metric
+
+
+def is_accuracy(metric: str) -> bool:
+    return bool(TASK_METRIC.fullmatch(metric)) and not metric.endswith("/ppl")
+
+
+def fitted_name(metric: str) -> str:
+    """What the fit takes as its loss: the metric, or for an accuracy its error 1 - acc."""
+    return f"1 - {metric}" if is_accuracy(metric) else metric
 
 
 @dataclass
@@ -86,21 +106,28 @@ def compute_groups(flops: np.ndarray, tolerance: float = 0.1) -> np.ndarray:
 
 
 def points(rows: list[dict[str, Any]], metric: str, params: str = "params") -> Points:
-    """The finished rows with a finite `metric`; groups by the `budget` column, else by FLOPs."""
+    """The finished rows with a finite `metric` (an accuracy as its error, 1 - acc); groups by
+    the `budget` column, else by FLOPs."""
+    check_metric(metric)
     missing = {params, "tokens", "flops", metric} - set(rows[0]) if rows else set()
     if missing:
         raise SweepError(f"results lack the column(s) {', '.join(sorted(missing))}")
+    sign, offset = (-1.0, 1.0) if is_accuracy(metric) else (1.0, 0.0)
+
+    def value(row) -> float:
+        return offset + sign * _float(row.get(metric))
+
     kept = [
         r
         for r in rows
         if r.get("status", "finished") in ("finished", "", None)
-        and math.isfinite(_float(r.get(metric)))
-        and _float(r.get(metric)) > 0
+        and math.isfinite(value(r))
+        and value(r) > 0
     ]
     N = np.array([_float(r[params]) for r in kept])
     D = np.array([_float(r["tokens"]) for r in kept])
     C = np.array([_float(r["flops"]) for r in kept])
-    loss = np.array([_float(r[metric]) for r in kept])
+    loss = np.array([value(r) for r in kept])
     budgets = np.array([_float(r.get("budget")) for r in kept])
     if len(kept) and np.all(np.isfinite(budgets)):
         values = np.unique(budgets)
@@ -373,6 +400,7 @@ def fit_all(
         raise SweepError(f"no finished runs with a {metric} to fit")
     return {
         "metric": metric,
+        "fitted": fitted_name(metric),
         "params": params,
         "runs": len(p),
         "isoflop": isoflop(p, bootstrap),

@@ -24,13 +24,16 @@ from gptjax.tools.plot import pyplot, save_figure
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The rows under RESULT_COLUMNS, then any train.eval_tasks columns (eval/TASK/METRIC)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.tmp")
+    tasks = sorted({k for row in rows for k in row if k.startswith("eval/")})
+    columns = [*RESULT_COLUMNS, *tasks]
     with open(scratch, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in RESULT_COLUMNS})
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     scratch.replace(path)
     return path
 
@@ -130,10 +133,11 @@ def plots(rows: list[dict[str, Any]], result: dict[str, Any], out: Path) -> list
         return []
     plt = pyplot("plots need matplotlib: pip install 'gptjax[sweep]' (or matplotlib)")
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_frontier(p, out / "frontier.png", result["metric"], plt)]
+    label = fits.fitted_name(result["metric"])
+    written = [plot_frontier(p, out / "frontier.png", label, plt)]
     iso = result["isoflop"]
     if any("coefficients" in b for b in iso["budgets"]):
-        written.append(plot_isoflop(p, iso, out / "isoflop.png", result["metric"], plt))
+        written.append(plot_isoflop(p, iso, out / "isoflop.png", label, plt))
     if any(b["bracketed"] for b in iso["budgets"]):
         written.append(plot_optimal(iso, out / "optimal.png", plt))
     return written
@@ -151,7 +155,8 @@ def _show(value: Any) -> str:
 def format_fits(result: dict[str, Any]) -> str:
     """The fits as text: what was fitted, the intervals (95% bootstrap), what was skipped."""
     lines = [
-        f"fits on {result['runs']} finished runs, loss = {result['metric']}, N = {result['params']}"
+        f"fits on {result['runs']} finished runs, loss = {fits.fitted_name(result['metric'])}, "
+        f"N = {result['params']}"
     ]
     iso = result["isoflop"]
     for budget in iso["budgets"]:

@@ -29,7 +29,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class RunState:
     wall_seconds: float  # all attempts, start to exit
     cpu_seconds: float | None  # all attempts: CPU time of the training processes (all threads)
     error: str | None  # the last attempt's error line, if it failed
+    tasks: dict[str, float] = field(default_factory=dict)  # train.eval_tasks: eval/TASK/METRIC
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -228,6 +229,7 @@ def read_state(run: Run, score: str = "final") -> RunState:
         wall_seconds=sum(a.get("seconds") or 0.0 for a in attempts),
         cpu_seconds=_total(a.get("cpu_seconds") for a in attempts),
         error=error if status == "failed" else None,
+        tasks={k: v for k, v in (final[-1] if done else {}).items() if k.startswith("eval/")},
     )
 
 
@@ -288,4 +290,5 @@ def result_row(run: Run, state: RunState) -> dict[str, Any]:
         "wall_seconds": round(state.wall_seconds, 1),
         "cpu_seconds": None if state.cpu_seconds is None else round(state.cpu_seconds, 1),
         "label": run.label,
+        **state.tasks,
     }

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -96,11 +97,34 @@ class LrRule(_Section):
     power: float = Field(1.0, description="optim.lr = lr * (d_model / width) ** power")
 
 
+# a train.eval_tasks number a fit takes (gptjax/experiments/fit.py: an accuracy as 1 - acc)
+TASK_METRIC = re.compile(r"eval/[^/]+/(acc|acc_norm|acc_bytes|acc_uncond|ppl)")
+
+
+def metric_problem(metric: str) -> str | None:
+    if metric in ("eval_bpb", "eval_loss") or TASK_METRIC.fullmatch(metric):
+        return None
+    return (
+        f"metric {metric!r}: use eval_bpb, eval_loss or a train.eval_tasks number "
+        "(eval/TASK/acc, eval/TASK/acc_norm, eval/TASK/ppl)"
+    )
+
+
 class FitOptions(_Section):
-    metric: Literal["eval_bpb", "eval_loss"] = "eval_bpb"
+    metric: str = Field(
+        "eval_bpb",
+        description="eval_bpb, eval_loss, or a train.eval_tasks number: eval/TASK/acc or "
+        "eval/TASK/acc_norm (fitted as the error, 1 - acc), eval/TASK/ppl",
+    )
     params: Literal["params", "non_embedding_params"] = "params"
     bootstrap: int = Field(200, ge=0, description="resamples for the intervals; 0: none")
     holdout: int = Field(1, ge=0, description="largest-compute groups held out; 0: none")
+
+    @model_validator(mode="after")
+    def _check(self) -> FitOptions:
+        if problem := metric_problem(self.metric):
+            raise ValueError(problem)
+        return self
 
 
 class Spec(_Section):

@@ -1,6 +1,7 @@
 """`gptjax plot RUN_DIR`: one PNG of a run's metrics.jsonl against the step.
 
-Panels: train and eval loss (nats/token), learning rate, throughput (tokens/s) and MFU. Needs
+Panels: train and eval loss (nats/token), learning rate, throughput (tokens/s) and MFU, and with
+train.eval_tasks a fifth: each task's eval/TASK/acc and eval/TASK/acc_norm. Needs
 matplotlib (the `plot` extra), imported only here and drawn with the non-interactive Agg backend.
 """
 
@@ -49,6 +50,12 @@ PANELS = (
 )
 
 
+def task_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The task accuracies logged (train.eval_tasks): eval/TASK/acc and eval/TASK/acc_norm."""
+    found = {k for r in records for k in r if k.startswith("eval/")}
+    return sorted(k for k in found if k.rsplit("/", 1)[-1] in ("acc", "acc_norm"))
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the PNG (default run_dir/metrics.png) and return its path."""
     records = read_metrics(run_dir)
@@ -56,8 +63,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise PlotError(f"{Path(run_dir) / 'metrics.jsonl'} has no train records yet")
     plt = pyplot("gptjax plot needs matplotlib: pip install 'gptjax[plot]' (or matplotlib)")
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, (title, keys) in zip(axes.flat, PANELS, strict=True):
+    panels = list(PANELS)
+    if tasks := task_keys(records):
+        panels.append(("task accuracy", tuple(tasks)))
+    columns = 2 if len(panels) == 4 else 3
+    figure, axes = plt.subplots(2, columns, figsize=(5.5 * columns, 7), sharex=True)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
             steps, values = series(records, key)
             if steps:
@@ -67,8 +80,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend()
-    for ax in axes[-1]:
+    for ax in axes.flat[len(panels) - columns : len(panels)]:  # the lowest panel of each column
         ax.set_xlabel("step")
+        ax.xaxis.set_tick_params(labelbottom=True)
     figure.suptitle(str(Path(run_dir).resolve().name))
     return save_figure(figure, out, plt)
 

@@ -8,13 +8,14 @@ preemption guard and the profiler around them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from gptjax import distributed
-from gptjax.config import Config
+from gptjax.config import Config, ConfigError
 from gptjax.core import flops, steps
 from gptjax.data import loader as data_loader
 from gptjax.data import sources
@@ -24,13 +25,24 @@ from gptjax.training import checkpoint, debug, metrics, runlock, runs
 from gptjax.training.faults import NonFiniteSteps, PreemptionGuard
 from gptjax.training.monitor import StepMonitor
 
+# train.eval_tasks: (setup, params, tokenizer, step, run_dir) -> {"eval/TASK/METRIC": value},
+# gptjax.evaluation.during_training.TrainingTasks (a layer above: passed in, never imported)
+TaskEval = Callable[..., dict[str, Any]]
 
-def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in cfg.run_dir; returns the last train and eval metrics."""
+
+def train(cfg: Config, progress: bool = True, task_eval: TaskEval | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in cfg.run_dir; returns the last train and eval metrics.
+    With train.eval_tasks, `task_eval` scores them at each evaluation (`gptjax train` and
+    gptjax.evaluation.during_training.train pass it)."""
+    if cfg.train.eval_tasks and task_eval is None:
+        raise ConfigError(
+            "train.eval_tasks needs the task evaluator: run `gptjax train`, or call "
+            "gptjax.evaluation.during_training.train(cfg)"
+        )
     cfg = debug.apply(cfg)  # --debug: one device
     distributed.initialize(cfg)  # several processes: join them (before any device is touched)
     with debug.session(cfg):  # debug flags and the step watchdog
-        return _train(cfg, progress)
+        return _train(cfg, progress, task_eval)
 
 
 class Profiler:
@@ -55,16 +67,18 @@ class Profiler:
             self.tracing = False
 
 
-def _train(cfg: Config, progress: bool) -> dict[str, Any]:
+def _train(cfg: Config, progress: bool, task_eval: TaskEval | None) -> dict[str, Any]:
     setup = steps.build(cfg, debug.devices(cfg))  # config/mesh errors first, before the disk
     sources.check(cfg.data)
     init = runs.init_source(cfg) if cfg.train.init_from else None  # (source run, step)
     run_dir = runs.prepare_run_dir(cfg)
     with runlock.hold(run_dir):  # one writer per run directory (readers never take it)
-        return _run(cfg, setup, run_dir, progress, init)
+        return _run(cfg, setup, run_dir, progress, init, task_eval)
 
 
-def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -> dict[str, Any]:
+def _run(
+    cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init, task_eval
+) -> dict[str, Any]:
     changed = runs.check_resume(run_dir, cfg)
     lead = jax.process_index() == 0
     if changed and lead:
@@ -123,8 +137,14 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -
             log.say(line)
         log.train(step, {**record, "bad_steps": bad_steps.total})
 
+    def evaluate(step, params):
+        result = steps.evaluate(setup, eval_step, params, data, cfg.train.eval_steps)
+        if task_eval:  # train.eval_tasks, in the same record
+            result |= task_eval(setup, params, data.tokenizer, step, run_dir)
+        log.eval(step, result)
+
     if init and start == 0:  # the starting point's loss on this data, before any update
-        log.eval(0, steps.evaluate(setup, eval_step, state["params"], data, cfg.train.eval_steps))
+        evaluate(0, state["params"])
 
     profiler = Profiler(cfg.train.profile_steps, run_dir / "profile")
     guard = PreemptionGuard(sync_every=cfg.train.log_every)
@@ -150,10 +170,7 @@ def _run(cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init) -
                 report(*pending)
                 pending = None
                 with monitor.phase("eval"):
-                    result = steps.evaluate(
-                        setup, eval_step, state["params"], data, cfg.train.eval_steps
-                    )
-                log.eval(done, result)
+                    evaluate(done, state["params"])
             stop = guard.should_stop(done) or done == cfg.train.stop_at
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
                 with monitor.phase("checkpoint"):

@@ -109,7 +109,13 @@ class StepLogger:
     def eval(self, step: int, result: dict[str, float]) -> None:
         self.writer.write({"step": step, **result})
         self.last.update(result)
-        self.say(f"step {step}: eval loss {result['eval_loss']:.4f}, bpb {result['eval_bpb']:.4f}")
+        tasks = "".join(
+            f", {key[len('eval/') :]} {value:.4f}"
+            for key, value in result.items()
+            if key.startswith("eval/") and key.endswith(("/acc", "/acc_norm"))
+        )
+        line = f"step {step}: eval loss {result['eval_loss']:.4f}, bpb {result['eval_bpb']:.4f}"
+        self.say(line + tasks)
         self.restart_window()
 
     def say(self, message: str) -> None:
