@@ -1,15 +1,17 @@
 """The memory table of docs/performance.md: shipped configs compiled for mock H100s and H200s.
 
     python benchmarks/gpu_memory_table.py [--configs gpt2_small,gpt3_175b] [--gpus 8,64,512]
-        [--targets h100,h200] [--out table.jsonl]
+        [--targets h100,h200] [--set mesh.fsdp=-1 mesh.tensor=1] [--out table.jsonl]
+    python benchmarks/gpu_memory_table.py --markdown table.jsonl [more.jsonl ...]
 
 Needs the gpu-plan extra (JAX's CUDA plugin). For every config, GPU count and target it runs
 what `gptjax plan configs/NAME.yaml --target T:N --json` runs, with the config's own mesh and
 batch. Where the config's micro-batch does not split over the mesh's batch axes at N GPUs, it
 sets train.micro_batches so that each device takes one sequence per micro-batch (the same global
-batch), and says so. Prints one JSON line per compile (peak bytes per device, fits, cuDNN
-attention calls, compile seconds; an `error` instead where the mesh cannot be built), then a
-Markdown table.
+batch), and says so. `--set` applies dotted overrides to every config (a row's config cell
+shows them). Prints one JSON line per compile (peak bytes per device, fits, cuDNN attention calls,
+compile seconds; an `error` instead where the mesh cannot be built), then a Markdown table;
+`--markdown` prints the table of JSON lines written before (`--out`), compiling nothing.
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ def overrides_for(cfg: config.Config, gpus: int) -> list[str]:
     return [f"train.micro_batches={cfg.train.batch_size // shards}"]
 
 
-def one(name: str, gpus: int, target_name: str) -> dict:
-    cfg = config.load(ROOT / "configs" / f"{name}.yaml")
-    extra = overrides_for(cfg, gpus)
-    cfg = config.load(ROOT / "configs" / f"{name}.yaml", extra)
+def one(name: str, gpus: int, target_name: str, settings: list[str] = ()) -> dict:
+    path = ROOT / "configs" / f"{name}.yaml"
+    settings = list(settings)
+    extra = overrides_for(config.load(path, settings), gpus)
+    cfg = config.load(path, [*settings, *extra])
+    row = {"config": name, "gpus": gpus, "target": target_name, "set": settings}
+    row["overrides"] = extra
     target = gpu_target.parse(f"{target_name}:{gpus}")
-    row = {"config": name, "gpus": gpus, "target": target_name, "overrides": extra}
     start = time.perf_counter()
     try:
         report = plan.plan(cfg, gpu_target.devices(target), target=target)
@@ -80,9 +84,10 @@ def markdown(rows: list[dict]) -> str:
     head = "| config | GPUs | mesh (data, fsdp, tensor) · micro-batches | "
     head += " | ".join(f"{t.upper()} peak GiB/device" for t in targets) + " |"
     lines = [head, "|" + " --- |" * (3 + len(targets))]
-    keyed = {(r["config"], r["gpus"], r["target"]): r for r in rows}
-    for name, gpus in dict.fromkeys((r["config"], r["gpus"]) for r in rows):
-        first = keyed[(name, gpus, targets[0])]
+    label = lambda r: " ".join([r["config"], *r.get("set", [])])  # noqa: E731
+    keyed = {(label(r), r["gpus"], r["target"]): r for r in rows}
+    for name, gpus in dict.fromkeys((label(r), r["gpus"]) for r in rows):
+        first = next(keyed[(name, gpus, t)] for t in targets if (name, gpus, t) in keyed)
         if "error" in first:
             lines.append(f"| {name} | {gpus} | {first['error']} |" + " — |" * len(targets))
             continue
@@ -105,13 +110,19 @@ def main() -> None:
     parser.add_argument("--configs", default=CONFIGS)
     parser.add_argument("--gpus", default="8,64,512")
     parser.add_argument("--targets", default="h100,h200")
+    parser.add_argument("--set", nargs="*", default=[], help="dotted overrides for every config")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--markdown", nargs="+", default=None, help="JSON-line files: the table")
     args = parser.parse_args()
+    if args.markdown:
+        lines = [line for f in args.markdown for line in Path(f).read_text().splitlines()]
+        print(markdown([json.loads(line) for line in lines if line.strip()]))
+        return
     rows = []
     for name in args.configs.split(","):
         for gpus in map(int, args.gpus.split(",")):
             for target in args.targets.split(","):
-                row = one(name, gpus, target)
+                row = one(name, gpus, target, args.set)
                 rows.append(row)
                 line = json.dumps(row)
                 print(line, flush=True)
