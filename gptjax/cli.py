@@ -183,7 +183,7 @@ def _export(args) -> int:
     if args.format == "hf":
         from gptjax.interop import hf
 
-        out = hf.export_run(args.run_dir, args.out, args.step)
+        out = hf.export_run(args.run_dir, args.out, args.step, args.model_type)
     else:
         from gptjax.training import runs
 
@@ -378,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval)
 
     p = commands.add_parser(
-        "export", help="a run's weights for elsewhere: params.npz, or a Hugging Face GPT-2 dir"
+        "export", help="a run's weights for elsewhere: params.npz, or a Hugging Face model dir"
     )
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="a new (or empty) directory")
@@ -388,14 +388,25 @@ def parser() -> argparse.ArgumentParser:
         choices=("npz", "hf"),
         default="npz",
         help="npz: params.npz + config.yaml; hf: model.safetensors + config.json + tokenizer "
-        "for transformers (needs the [hf] extra)",
+        "for transformers, as the model_type that computes the run's block (needs the [hf] extra)",
+    )
+    p.add_argument(
+        "--model-type",
+        default=None,
+        help="hf: the Hugging Face model_type to write (default: the one that computes the "
+        "block; openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2)",
     )
     p.set_defaults(run=_export)
 
     p = commands.add_parser(
         "import", help="a run at step 0 from another format: `import hf DIR --run-dir RUN`"
     )
-    p.add_argument("format", choices=("hf",), help="hf: a local Hugging Face GPT-2 directory")
+    p.add_argument(
+        "format",
+        choices=("hf",),
+        help="hf: a local Hugging Face directory (model_type openai-gpt, gpt2, gpt_neo, llama, "
+        "mistral or qwen2)",
+    )
     p.add_argument("directory", help="holds config.json, the weights and the tokenizer")
     p.add_argument("--run-dir", required=True, help="the new run directory (must not exist)")
     p.add_argument(

@@ -302,9 +302,9 @@ def _unexpected(tensors):
 
 
 UNSUPPORTED = {
-    "model_type": (_edit_config(model_type="llama"), "model_type='llama'"),
-    "activation": (_edit_config(activation_function="gelu"), "activation_function='gelu'"),
-    "epsilon": (_edit_config(layer_norm_epsilon=1e-6), "layer_norm_epsilon=1e-06"),
+    "model_type": (_edit_config(model_type="gptj"), "model_type='gptj'"),
+    "activation": (_edit_config(activation_function="relu"), "activation_function='relu'"),
+    "architecture": (_edit_config(architectures=["GPT2ForQuestionAnswering"]), "architectures="),
     "inverse_layer_scaling": (
         _edit_config(scale_attn_by_inverse_layer_idx=True),
         "scale_attn_by_inverse_layer_idx=True",

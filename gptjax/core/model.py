@@ -144,7 +144,9 @@ def _dropout(x, rate: float, key):
 
 ACTIVATIONS = {
     "gelu_tanh": lambda h: jax.nn.gelu(h, approximate=True),  # GPT-2's "gelu_new"
-    "gelu": lambda h: jax.nn.gelu(h, approximate=False),  # the exact erf form (GPT-1 in HF)
+    "gelu": lambda h: jax.nn.gelu(
+        h, approximate=False
+    ),  # the exact erf form (GPT-2 configs with activation_function "gelu")
     "relu2": lambda h: jnp.square(jax.nn.relu(h)),
 }
 

@@ -1,22 +1,23 @@
-"""Hugging Face GPT-2 (`GPT2LMHeadModel`) <-> gptjax runs: weights, config.json, the tokenizer.
+"""Hugging Face checkpoints <-> gptjax runs: weights, config.json, the tokenizer, for every
+family in gptjax/interop/hf_families.py (openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2).
 
 `import_run` reads a local HF directory (`model.safetensors` or `pytorch_model.bin`, possibly
-sharded with an index; keys with or without the `transformer.` prefix; `config.json`; a tokenizer)
-and writes a normal gptjax run at step 0: config.yaml, the tokenizer file, and an Orbax checkpoint
-{params, fresh AdamW state, step 0}, so `sample`, `eval` and `train` (fine-tuning) use it as they
-use any run. The vocabulary is padded to a multiple of 128 (`model.vocab_valid` keeps the padding
-out of logits, loss and sampling). `export_run` writes `model.safetensors` + `config.json` + the
-tokenizer that `transformers` loads with `from_pretrained`; a padded vocabulary is trimmed to the
-tokenizer's size. Both directions read the one layout table `LAYOUT`.
-
-HF GPT-2 stores Conv1D weights [in, out] (what gptjax's einsums use, so most tensors are plain
-reshapes), q/k/v side by side in `c_attn` [D, 3D] (heads contiguous: [D, 3, N, H] in gptjax),
-`lm_head` [V, D] tied to `wte`; `attn.bias`/`attn.masked_bias` are causal-mask buffers, not weights.
+sharded with an index; keys with or without the family's `transformer.` / `model.` prefix;
+`config.json`; a tokenizer) and writes a normal gptjax run at step 0: config.yaml, the tokenizer
+file, and an Orbax checkpoint {params, fresh AdamW state, step 0}, so `sample`, `eval` and
+`train` (fine-tuning) use it as they use any run. The vocabulary is padded to a multiple of 128
+(`model.vocab_valid` keeps the padding out of logits, loss and sampling). `export_run` writes
+`model.safetensors` + `config.json` + the tokenizer that `transformers` loads with
+`from_pretrained`, as the family that computes the run's model; a padded vocabulary is trimmed
+to the tokenizer's size. Both directions read the family's one table (`Family.tensors`): each
+HF tensor is a gptjax parameter or one q/k/v slice of a fused one, reshaped (and transposed for
+`nn.Linear` weights); saved buffers (causal masks, RoPE tables) are skipped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -27,52 +28,9 @@ import numpy as np
 
 from gptjax.config import ConfigError, ModelConfig
 from gptjax.interop import INSTALL_HINT, InteropError
+from gptjax.interop import hf_families as families
+from gptjax.interop.hf_families import Family, positive_int
 
-# HF tensor (under `transformer.`; "{i}" = layer) -> gptjax parameter, HF shape in dimensions
-# (V vocab, P positions, D d_model, F d_ff). Per-layer tensors are stacked on gptjax's leading
-# layers axis; each is a plain reshape between the two layouts, except `lm_head` ([V, D] in HF,
-# [D, V] in gptjax: transposed). The one table both import and export read.
-LAYOUT = (
-    ("wte.weight", "wte", ("V", "D")),
-    ("wpe.weight", "wpe", ("P", "D")),
-    ("h.{i}.ln_1.weight", "blocks.ln1_scale", ("D",)),
-    ("h.{i}.ln_1.bias", "blocks.ln1_bias", ("D",)),
-    ("h.{i}.attn.c_attn.weight", "blocks.qkv_w", ("D", "3D")),
-    ("h.{i}.attn.c_attn.bias", "blocks.qkv_b", ("3D",)),
-    ("h.{i}.attn.c_proj.weight", "blocks.out_w", ("D", "D")),
-    ("h.{i}.attn.c_proj.bias", "blocks.out_b", ("D",)),
-    ("h.{i}.ln_2.weight", "blocks.ln2_scale", ("D",)),
-    ("h.{i}.ln_2.bias", "blocks.ln2_bias", ("D",)),
-    ("h.{i}.mlp.c_fc.weight", "blocks.fc_w", ("D", "F")),
-    ("h.{i}.mlp.c_fc.bias", "blocks.fc_b", ("F",)),
-    ("h.{i}.mlp.c_proj.weight", "blocks.proj_w", ("F", "D")),
-    ("h.{i}.mlp.c_proj.bias", "blocks.proj_b", ("D",)),
-    ("ln_f.weight", "ln_f_scale", ("D",)),
-    ("ln_f.bias", "ln_f_bias", ("D",)),
-)
-LM_HEAD = ("lm_head.weight", "lm_head", ("V", "D"))  # only when the head is untied
-PREFIX = "transformer."
-BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks saved by old transformers
-
-# gptjax model field <-> config.json field (import reads them, export writes them)
-FIELDS = {
-    "n_layer": "n_layer",
-    "n_head": "n_head",
-    "d_model": "n_embd",
-    "max_positions": "n_positions",
-    "d_ff": "n_inner",
-    "tie_embeddings": "tie_word_embeddings",
-}
-# config.json fields gptjax computes only one way: the accepted values (the first is HF's default,
-# used when the field is absent, and what export writes)
-FIXED = {
-    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # GELU, tanh approximation
-    "layer_norm_epsilon": (1e-5,),
-    "scale_attn_weights": (True,),
-    "scale_attn_by_inverse_layer_idx": (False,),
-    "add_cross_attention": (False,),
-}
-ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -80,22 +38,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 VOCAB_MULTIPLE = 128
-
-
-def _dims(model: ModelConfig, vocab: int) -> dict[str, int]:
-    D = model.d_model
-    return {"V": vocab, "P": model.n_positions, "D": D, "3D": 3 * D, "F": model.ff}
-
-
-def _layout(model: ModelConfig):
-    """(hf name, gptjax name, layer or None, HF shape) for every tensor of `model`."""
-    rows = [*LAYOUT] if model.tie_embeddings else [*LAYOUT, LM_HEAD]
-    for hf, ours, shape in rows:
-        if "{i}" in hf:
-            for i in range(model.n_layer):
-                yield hf.format(i=i), ours, i, shape
-        else:
-            yield hf, ours, None, shape
+# rotary models address up to max_position_embeddings (131,072 for Llama 3) with no table: the
+# imported seq_len (what a sample's cache and a fine-tune's windows hold) defaults to at most this
+ROPE_SEQ_LEN = 2048
 
 
 def _get(tree: dict, dotted: str):
@@ -111,10 +56,21 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[last] = value
 
 
+def _rows(model: ModelConfig, family: Family):
+    """(hf name under the prefix, its Tensor row, layer or None) of every tensor of `model`."""
+    for row in family.tensors(model):
+        if row.per_layer:
+            for i in range(model.n_layer):
+                yield row.hf.format(i=i), row, i
+        else:
+            yield row.hf, row, None
+
+
 # -- config.json ------------------------------------------------------------------------------
 
 
-def read_config(directory: Path) -> dict[str, Any]:
+def read_config(directory: Path) -> tuple[dict[str, Any], Family]:
+    """config.json and the family its model_type names."""
     path = directory / "config.json"
     if not path.is_file():
         raise InteropError(f"{directory} has no config.json (not a Hugging Face model directory)")
@@ -122,57 +78,42 @@ def read_config(directory: Path) -> dict[str, Any]:
         hf = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise InteropError(f"{path} is not valid JSON: {error}") from None
-    if hf.get("model_type") != "gpt2":
-        raise InteropError(
-            f"{path}: model_type={hf.get('model_type')!r}; gptjax imports only 'gpt2'"
-        )
-    other = [a for a in hf.get("architectures") or [] if a not in ARCHITECTURES]
-    if other:
-        raise InteropError(f"{path}: architectures={other}; gptjax imports {list(ARCHITECTURES)}")
-    for field, accepted in FIXED.items():
-        value = hf.get(field, accepted[0])
-        if value not in accepted:
-            allowed = " or ".join(map(repr, accepted))
-            raise InteropError(f"{path}: {field}={value!r}; gptjax computes only {allowed}")
-    for field in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-        if not isinstance(hf.get(field), int) or hf[field] <= 0:
-            raise InteropError(f"{path}: {field}={hf.get(field)!r} is not a positive integer")
-    return hf
+    if not isinstance(hf, dict):
+        raise InteropError(f"{path} is not a JSON object")
+    family = families.family_of_config(hf, str(path))
+    positive_int(hf, "vocab_size")
+    return hf, family
 
 
-def model_fields(hf: dict[str, Any], n_tokens: int) -> tuple[dict, dict]:
+def model_fields(hf: dict[str, Any], family: Family, n_tokens: int) -> tuple[dict, dict]:
     """(fixed, default) gptjax model fields for an HF config and a tokenizer of `n_tokens`.
 
-    Fixed fields decide the parameter shapes; the defaults (seq_len, dropout) may be overridden."""
+    Fixed fields decide the parameter shapes and what the model computes; the defaults
+    (seq_len, dropout) may be overridden."""
     if n_tokens > hf["vocab_size"]:
         raise InteropError(
             f"the tokenizer has {n_tokens} tokens but config.json vocab_size={hf['vocab_size']}"
         )
-    fixed = {ours: hf.get(theirs) for ours, theirs in FIELDS.items()}
-    fixed["tie_embeddings"] = bool(hf.get("tie_word_embeddings", True))
+    fixed = family.fields(hf)
     padded = -(-hf["vocab_size"] // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     fixed["vocab_size"] = padded
     fixed["vocab_valid"] = None if n_tokens == padded else n_tokens
+    seq_len = fixed["max_positions"]
+    if fixed.get("positions") == "rope":
+        seq_len = min(seq_len, ROPE_SEQ_LEN)
     # gptjax has one dropout (embeddings and residuals) and none on attention weights; fine-tuning
     # starts without it: set model.dropout to use it.
-    defaults = {"seq_len": hf["n_positions"], "dropout": 0.0}
+    defaults = {"seq_len": seq_len, "dropout": 0.0}
     return fixed, defaults
 
 
-def hf_config(model: ModelConfig, n_tokens: int, eod_id: int) -> dict[str, Any]:
-    """config.json of `model` with its vocabulary trimmed to `n_tokens`."""
-    values = {theirs: getattr(model, ours) for ours, theirs in FIELDS.items()}
-    values["n_positions"], values["n_inner"] = model.n_positions, model.ff
+def hf_config(model: ModelConfig, family: Family, n_tokens: int, eod_id: int) -> dict[str, Any]:
+    """config.json of `model` in `family`, its vocabulary trimmed to `n_tokens`."""
     return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
+        "architectures": [family.architectures[0]],
+        "model_type": family.model_type,
         "vocab_size": n_tokens,
-        **values,
-        "n_ctx": model.n_positions,
-        **{field: accepted[0] for field, accepted in FIXED.items()},
-        "embd_pdrop": model.dropout,
-        "resid_pdrop": model.dropout,
-        "attn_pdrop": 0.0,
+        **family.config(model),
         "bos_token_id": eod_id,
         "eos_token_id": eod_id,
         "initializer_range": 0.02,
@@ -222,8 +163,8 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     return {key: value.detach().to(torch.float32).numpy() for key, value in state.items()}
 
 
-def read_tensors(directory: Path) -> dict[str, np.ndarray]:
-    """Every tensor in the directory's weight file(s), f32, keys without `transformer.`."""
+def read_tensors(directory: Path, prefix: str = "transformer.") -> dict[str, np.ndarray]:
+    """Every tensor in the directory's weight file(s), f32, keys without `prefix`."""
     found = [name for name in WEIGHT_FILES if (directory / name).is_file()]
     if not found:
         raise InteropError(f"{directory} has no weights ({', '.join(WEIGHT_FILES)})")
@@ -242,66 +183,87 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
             raise InteropError(f"{path} (listed in {name}) is missing")
         read = _read_safetensors if path.suffix == ".safetensors" else _read_torch
         tensors.update(read(path))
-    return {key.removeprefix(PREFIX): value for key, value in tensors.items()}
+    return {key.removeprefix(prefix): value for key, value in tensors.items()}
 
 
-def to_gptjax(tensors: dict[str, np.ndarray], model: ModelConfig, hf_vocab: int) -> dict:
-    """gptjax parameters (a nested dict of f32 arrays) from HF tensors; one line per problem."""
+def to_gptjax(
+    tensors: dict[str, np.ndarray], model: ModelConfig, hf_vocab: int, family: Family
+) -> dict:
+    """gptjax parameters (a nested dict of f32 arrays) from HF tensors (keys without the
+    family's prefix); one line per problem."""
     from gptjax.core import model as model_module
 
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(BUFFERS)}
-    if model.tie_embeddings and "lm_head.weight" in tensors:
-        head = tensors.pop("lm_head.weight")
-        wte = tensors.get("wte.weight")
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(family.buffers)}
+    embedding = family.embedding()
+    if model.tie_embeddings and families.LM_HEAD in tensors:
+        head = tensors.pop(families.LM_HEAD)
+        wte = tensors.get(embedding)
         if wte is not None and (head.shape != wte.shape or not np.array_equal(head, wte)):
             raise InteropError(
-                "lm_head.weight differs from wte.weight but config.json has "
+                f"lm_head.weight differs from {embedding} but config.json has "
                 "tie_word_embeddings=true (an untied head): set it to false to import it"
             )
-    dims = _dims(model, hf_vocab)
-    layout = list(_layout(model))
-    expected = {hf for hf, *_ in layout}
-    unexpected = sorted(set(tensors) - expected)
+    dims = families.dims(model, hf_vocab)
+    rows = list(_rows(model, family))
+    unexpected = sorted(set(tensors) - {name for name, *_ in rows})
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise InteropError(f"unexpected tensor {unexpected[0]}{more}: not part of GPT-2")
+        raise InteropError(
+            f"unexpected tensor {unexpected[0]}{more}: not part of {family.model_type} as "
+            "config.json describes it"
+        )
     shapes = model_module.param_shapes(model)
-    layers: dict[str, list] = {}
-    params: dict = {}
-    for hf, ours, layer, symbols in layout:
-        if hf not in tensors:
-            raise InteropError(f"missing tensor {hf} (or {PREFIX}{hf})")
-        value, shape = tensors[hf], tuple(dims[s] for s in symbols)
+    params = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    filled = {name: 0 for name in shapes}
+    for name, row, layer in rows:
+        if name not in tensors:
+            raise InteropError(f"missing tensor {name} (or {family.prefix}{name})")
+        value, shape = tensors[name], tuple(dims[s] for s in row.shape)
         if value.shape != shape:
             raise InteropError(
-                f"tensor {hf} has shape {list(value.shape)}; config.json implies {list(shape)}"
+                f"tensor {name} has shape {list(value.shape)}; config.json implies {list(shape)}"
             )
-        if layer is not None:
-            layers.setdefault(ours, []).append(value)
-            continue
-        if symbols[0] == "V":  # pad the vocabulary with zero rows
-            value = np.pad(value, ((0, model.vocab_size - hf_vocab), (0, 0)))
-        _set(params, ours, value.T if ours == LM_HEAD[1] else value)
-    for ours, values in layers.items():
-        _set(params, ours, np.stack(values).reshape(shapes[ours]))
-    return params
-
-
-def to_hf(params: dict, model: ModelConfig, n_tokens: int) -> dict[str, np.ndarray]:
-    """HF tensors (f32, `transformer.`-prefixed as `GPT2LMHeadModel` saves them) of gptjax
-    parameters, the vocabulary trimmed to `n_tokens`."""
-    dims = _dims(model, n_tokens)
-    out = {}
-    for hf, ours, layer, symbols in _layout(model):
-        value = np.asarray(_get(params, ours), np.float32)
-        if ours == LM_HEAD[1]:
+        if "V" in row.shape:  # pad the vocabulary with zero rows
+            axis = row.shape.index("V")
+            pad = [(0, 0)] * value.ndim
+            pad[axis] = (0, model.vocab_size - hf_vocab)
+            value = np.pad(value, pad)
+        if row.linear:
             value = value.T
-        if layer is not None:
-            value = value[layer]
-        if symbols[0] == "V":
-            value = value[:n_tokens]
-        name = hf if hf == LM_HEAD[0] else PREFIX + hf
-        out[name] = np.ascontiguousarray(value.reshape([dims[s] for s in symbols]))
+        target = params[row.ours]
+        index = () if layer is None else (layer,)
+        if row.part is not None:
+            axis, j = row.part
+            index = (*index, *([slice(None)] * axis), j)
+        slot = target[index]
+        slot[...] = value.reshape(slot.shape)
+        filled[row.ours] += slot.size
+    unfilled = [name for name, n in filled.items() if n != math.prod(shapes[name])]
+    assert not unfilled, f"{family.model_type}'s table leaves {unfilled} unset"
+    out: dict = {}
+    for name, value in params.items():
+        _set(out, name, value)
+    return out
+
+
+def to_hf(params: dict, model: ModelConfig, family: Family, n_tokens: int) -> dict[str, np.ndarray]:
+    """HF tensors (f32, named as the family's `...ForCausalLM` saves them) of gptjax
+    parameters, the vocabulary trimmed to `n_tokens`."""
+    dims = families.dims(model, model.vocab_size)
+    out = {}
+    for name, row, layer in _rows(model, family):
+        value = np.asarray(_get(params, row.ours), np.float32)
+        index = () if layer is None else (layer,)
+        if row.part is not None:
+            axis, j = row.part
+            index = (*index, *([slice(None)] * axis), j)
+        value = value[index]
+        shape = [dims[s] for s in row.shape]
+        value = value.reshape(shape[::-1]).T if row.linear else value.reshape(shape)
+        if "V" in row.shape:
+            value = np.take(value, np.arange(n_tokens), axis=row.shape.index("V"))
+        key = name if name == families.LM_HEAD else family.prefix + name
+        out[key] = np.ascontiguousarray(value)
     return out
 
 
@@ -309,23 +271,20 @@ def to_hf(params: dict, model: ModelConfig, n_tokens: int) -> dict[str, np.ndarr
 
 
 def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] = ()) -> Path:
-    """A gptjax run at step 0 from a local HF GPT-2 directory; `overrides` (key=value) may set
-    anything but the parameter shapes (e.g. model.seq_len, train.*, optim.*, data.*)."""
-    import jax
-
+    """A gptjax run at step 0 from a local HF directory of any family in hf_families;
+    `overrides` (key=value) may set anything but the fields config.json decides (e.g.
+    model.seq_len, train.*, optim.*, data.*)."""
     from gptjax import config
-    from gptjax.core import steps
     from gptjax.interop import hf_tokenizer
-    from gptjax.training import checkpoint, runs
 
     directory, run_dir = Path(directory), Path(run_dir)
     if not directory.is_dir():
         raise InteropError(f"{directory} is not a directory")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise InteropError(f"{run_dir} exists and is not empty; choose a new --run-dir")
-    hf = read_config(directory)
+    hf, family = read_config(directory)
     tokenizer = hf_tokenizer.load(directory)
-    fixed, defaults = model_fields(hf, tokenizer.vocab_size)
+    fixed, defaults = model_fields(hf, family, tokenizer.vocab_size)
     given = {item.split("=", 1)[0] for item in overrides}
     for key in fixed:
         if f"model.{key}" in given:
@@ -334,9 +293,20 @@ def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] 
     dotted = [f"model.{key}={json.dumps(value)}" for key, value in fields.items()]
     base = [f"run_dir={run_dir}", "model.param_dtype=float32", *dotted]
     cfg = config.load(None, [*base, *overrides])
-    params = to_gptjax(read_tensors(directory), cfg.model, hf["vocab_size"])
+    tensors = read_tensors(directory, family.prefix)
+    params = to_gptjax(tensors, cfg.model, hf["vocab_size"], family)
+    return write_run(cfg, tokenizer, params, run_dir)
 
-    # Write next to the target and rename when complete: never a half-written run.
+
+def write_run(cfg, tokenizer, params: dict, run_dir: str | Path) -> Path:
+    """A run directory at step 0: config.yaml, the tokenizer, {params, fresh AdamW state}.
+    Written next to the target and renamed when complete: never a half-written run."""
+    import jax
+
+    from gptjax.core import steps
+    from gptjax.training import checkpoint, runs
+
+    run_dir = Path(run_dir)
     scratch = run_dir.parent / f".{run_dir.name}.import-{os.getpid()}"
     try:
         try:
@@ -353,7 +323,7 @@ def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] 
         finally:
             ckpt.close()
         if run_dir.exists():
-            run_dir.rmdir()  # empty (checked above)
+            run_dir.rmdir()  # empty (checked by the caller)
         scratch.rename(run_dir)
     finally:
         if scratch.exists():
@@ -361,18 +331,21 @@ def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] 
     return run_dir
 
 
-def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """`out`/model.safetensors + config.json + the tokenizer, from a run's checkpoint."""
-    from gptjax.interop import hf_tokenizer
+def export_run(
+    run_dir: str | Path, out: str | Path, step: int | None = None, model_type: str | None = None
+) -> Path:
+    """`out`/model.safetensors + config.json + the tokenizer, from a run's checkpoint, as the
+    HF family that computes the run's model (or `model_type`; refused in one line if it cannot)."""
     from gptjax.training import runs
 
     try:
-        from safetensors.numpy import save_file
+        import safetensors.numpy  # noqa: F401
     except ImportError:
         raise InteropError(f"exporting to Hugging Face needs safetensors: {INSTALL_HINT}") from None
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"{out} exists and is not an empty directory; choose a new --out")
+    family = families.family_of_model(runs.read_config(Path(run_dir)).model, model_type)
     setup, params, tokenizer = runs.load_run(run_dir, step)
     model = setup.cfg.model
     n_tokens = tokenizer.vocab_size
@@ -380,7 +353,17 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) ->
         raise InteropError(f"the tokenizer has {n_tokens} ids; model.vocab_size={model.vocab_size}")
     import jax
 
-    tensors = to_hf(jax.device_get(params), model, n_tokens)
+    return write_hf(out, model, family, jax.device_get(params), tokenizer)
+
+
+def write_hf(out: Path, model: ModelConfig, family: Family, params: dict, tokenizer) -> Path:
+    """model.safetensors + config.json + the tokenizer of gptjax `params` in `out`."""
+    from safetensors.numpy import save_file
+
+    from gptjax.interop import hf_tokenizer
+
+    out = Path(out)
+    tensors = to_hf(params, model, family, tokenizer.vocab_size)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -388,7 +371,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) ->
     scratch = out / ".model.safetensors.tmp"
     save_file(tensors, str(scratch), metadata={"format": "pt"})
     scratch.rename(out / "model.safetensors")
-    config_json = hf_config(model, n_tokens, tokenizer.eod_id)
+    config_json = hf_config(model, family, tokenizer.vocab_size, tokenizer.eod_id)
     (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     hf_tokenizer.save(tokenizer, out, model.n_positions)
     return out
