@@ -202,6 +202,27 @@ def test_prepared_chat_windows_store_the_template_mask(tmp_path, cache_dir, toke
     np.testing.assert_array_equal(batch["loss_mask"], data.train_mask.read(rows)[:, 1:])
 
 
+def test_plain_text_prepared_after_conversations_in_one_process_is_text(tmp_path, tokenizers):
+    """The serial path keeps its tokenizer and template in the process: conversations prepared
+    first must not make the next (plain) corpus be read as conversations."""
+    tokenizer, _ = tokenizers
+    tokenizer.save(tmp_path / "tok.model")
+    chats = write_jsonl(tmp_path / "chats.jsonl", conversations(30))
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"line {i} of a plain book, no JSON here\n" for i in range(400)))
+    common = [f"data.tokenizer={tmp_path / 'tok.model'}", "model.seq_len=32", "data.workers=1"]
+    cache = tmp_path / "cache"  # fresh: both are prepared here, in this order
+    cfg = tiny_config(
+        tmp_path, cache, f"data.source=chat:{chats}", "data.packing=segments", *common
+    )
+    assert load_dataset(cfg.data, cfg.model.seq_len).meta["loss_mask"]
+    cfg = tiny_config(tmp_path, cache, f"data.source=text:{book}", *common)
+    data = load_dataset(cfg.data, cfg.model.seq_len)
+    assert not data.meta["loss_mask"] and data.train_mask is None
+    text = data.tokenizer.decode(data.train.read(np.arange(len(data.train))).ravel().tolist())
+    assert "line 7 of a plain book, no JSON here" in text
+
+
 def chat_is_validation(name, cfg):
     from gptjax.data import corpus
 

@@ -59,6 +59,7 @@ def _setup(filename: str, model: bytes, conversations: bool, threads: int | None
     if threads is not None and hasattr(tokenizer, "threads"):
         tokenizer.threads = threads
     _worker["tokenizer"] = tokenizer
+    _worker["template"] = None  # set for every preparation: this process may have done others
     if conversations:
         import gptjax.data.chat as chat
 
