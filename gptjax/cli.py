@@ -22,10 +22,15 @@ def _train(args) -> int:
     import jax
 
     from gptjax import config
+    from gptjax.training import debug as debug_mode
     from gptjax.training import loop
 
     debug = ["debug.enabled=true"] if args.debug else []
     cfg = config.load(args.config, [*args.overrides, *debug])
+    given = {item.split("=", 1)[0].strip() for item in args.overrides}
+    cfg, capped = debug_mode.cap_steps(cfg, given)
+    if capped:  # debug mode runs in one process
+        print(capped, file=sys.stderr)
     task_eval = None
     if cfg.train.eval_tasks:  # resolved now: an unknown task is one line before any training
         from gptjax.evaluation.during_training import TrainingTasks
@@ -92,26 +97,47 @@ def _sample(args) -> int:
     devices, mesh = _sample_devices(args)
     setup, params, tokenizer = runs.load_run(args.run_dir, args.step, devices, mesh)
     pieces = generate.generate(setup, params, tokenizer, prompts, **settings)
+    context = setup.cfg.model.seq_len
     if len(prompts) == 1:  # stream
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
+        new, finish = 0, None
         for piece in pieces:
             sys.stdout.write(piece.text)
             sys.stdout.flush()
+            new, finish = new + len(piece.ids), piece.finish or finish
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        if finish == "context" and new < args.max_new_tokens:
+            print(f"gptjax: {_context_ended(context, new)}", file=sys.stderr)
         return 0
+    per_prompt = args.num_samples
     texts = [""] * len(prompts)
-    finished = [False] * len(prompts)
+    new = [0] * len(prompts)
+    finished: list[str | None] = [None] * len(prompts)
     shown = 0
     for piece in pieces:  # print each sample once it and those before it are complete
         texts[piece.row] += piece.text
-        finished[piece.row] |= piece.finish is not None
+        new[piece.row] += len(piece.ids)
+        finished[piece.row] = finished[piece.row] or piece.finish
         while shown < len(prompts) and finished[shown]:
-            if shown:
-                print("-" * 40)
+            label = f"prompt {shown // per_prompt + 1}"
+            if per_prompt > 1:
+                label += f", sample {shown % per_prompt + 1}"
+            if finished[shown] == "context" and new[shown] < args.max_new_tokens:
+                label += f" ({_context_ended(context, new[shown])})"
+            print(f"--- {label} ---")
             print(prompts[shown] + texts[shown], flush=True)
             shown += 1
     return 0
+
+
+def _context_ended(context: int, new: int) -> str:
+    """Why a sample stopped before --max-new-tokens: the model's context was full."""
+    return (
+        f"the {context}-token context (model.seq_len, the prompt included) ended the sample "
+        f"after {new} new tokens"
+    )
 
 
 def _settings(args):
@@ -125,9 +151,18 @@ def _settings(args):
 def _chat(args) -> int:
     from gptjax.inference import terminal
     from gptjax.inference.chatbot import Chatbot
+    from gptjax.training import runs
 
     settings = _settings(args)
-    return terminal.run(Chatbot(args.run_dir, args.step), settings, args.system)
+    bot = Chatbot(args.run_dir, args.step)
+    if not runs.learned_chat(args.run_dir):
+        logging.getLogger("gptjax").warning(
+            "%s was not fine-tuned on conversations (its data.source is not a chat source), so "
+            "it has not learned the chat template: expect replies that do not follow it "
+            "(docs/chat.md: fine-tune with configs/chat.yaml)",
+            args.run_dir,
+        )
+    return terminal.run(bot, settings, args.system)
 
 
 def _serve(args) -> int:

@@ -427,6 +427,12 @@ class DebugConfig(_Section):
     no_jit: bool = Field(False, description="run eagerly (jax.disable_jit) for pdb")
     nans: bool = Field(True, description="jax_debug_nans + a finiteness check every step")
     log_compiles: bool = Field(True, description="log every compilation (jax_log_compiles)")
+    steps: int = Field(
+        10,
+        gt=0,
+        description="`gptjax train --debug` stops after this many steps unless the command "
+        "line gives train.steps or train.stop_at",
+    )
 
 
 class Config(_Section):

@@ -35,7 +35,12 @@ def run_captured(cfg) -> tuple[dict, str]:
     """train.train(cfg) with its stderr and JAX's log records captured as one text."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    logging.getLogger("jax").addHandler(handler)
+    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    gptjax_log = logging.getLogger("gptjax")
+    level = gptjax_log.level
+    gptjax_log.setLevel(logging.INFO)  # as the CLI sets it
+    for name in ("jax", "gptjax"):
+        logging.getLogger(name).addHandler(handler)
     try:
         with contextlib.redirect_stderr(stream):
             result = loop.train(cfg, progress=False)
@@ -43,7 +48,9 @@ def run_captured(cfg) -> tuple[dict, str]:
         error.output = stream.getvalue()
         raise
     finally:
-        logging.getLogger("jax").removeHandler(handler)
+        for name in ("jax", "gptjax"):
+            logging.getLogger(name).removeHandler(handler)
+        gptjax_log.setLevel(level)
     return result, stream.getvalue()
 
 
@@ -121,7 +128,8 @@ def test_parameter_table_lists_every_parameter(nan_run):
 
 def test_compilations_and_step_times_are_reported(nan_run):
     _, _, _, output = nan_run
-    assert "Compiling jit(step_fn)" in output
+    assert "INFO:gptjax.compile:Compiling jit(step_fn)" in output  # information, gptjax's
+    assert "WARNING:jax" not in output
     for step in range(1, NAN_STEP):
         assert f"debug: step {step}: wall " in output
     assert "(includes compilation)" in output.split("debug: step 1:")[1].splitlines()[0]

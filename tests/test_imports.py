@@ -88,6 +88,7 @@ LAYERS = {
     "gptjax.errors": 6,
     "gptjax.atomic": 6,
     "gptjax.compile_cache": 6,
+    "gptjax.progress": 6,
     "gptjax": 6,  # the package itself: its version only
 }
 PEERS = {1, 2, 6}  # layers whose members may use each other

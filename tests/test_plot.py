@@ -64,7 +64,7 @@ def test_plot_errors_are_one_line(tmp_path):
 def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     write_metrics(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(plot.PlotError, match=r"pip install 'gptjax\[plot\]'"):
+    with pytest.raises(plot.PlotError, match=r"needs matplotlib .*: pip install matplotlib"):
         plot.plot_run(tmp_path)
 
 

@@ -111,9 +111,9 @@ def write_local(documents, val_fraction: float, target: Path, progress: bool = F
     tfds = _tfds()
     bar = None
     if progress:
-        from tqdm import tqdm
+        from gptjax import progress as progress_display
 
-        bar = tqdm(desc="documents", unit="B", unit_scale=True, dynamic_ncols=True, leave=False)
+        bar = progress_display.bar("documents", unit="B", unit_scale=True, leave=False)
 
     def build(scratch: Path) -> None:
         builder = _builder_class()(

@@ -47,9 +47,9 @@ def progress_bar(desc: str, total: int, enabled: bool = True):
     """The preparation's progress bar (documents done, rate, ETA), or None when not shown."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    from gptjax import progress
 
-    return tqdm(desc=desc, total=total, unit="doc", dynamic_ncols=True, leave=False)
+    return progress.bar(desc, total=total, unit="doc", leave=False)
 
 
 def _setup(filename: str, model: bytes, conversations: bool, threads: int | None) -> None:

@@ -192,6 +192,8 @@ def pack(cfg: DataConfig, seq_len: int, documents, tokenizer, root: Path, progre
         key["chat_template"] = chat.VERSION
     target = root / "packed" / _digest(key)
     if (target / "meta.json").is_file():
+        if progress:  # nothing to prepare: say so (and where), not an empty bar
+            print(f"gptjax: data: cached, nothing to prepare ({target})", file=sys.stderr)
         return target
     chunks = root / "packed" / f".chunks-{target.name}"  # kept when killed: resumed from
     total = len(documents.train) + min(len(documents.val), cfg.val_max_documents)

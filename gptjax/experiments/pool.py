@@ -139,11 +139,11 @@ class Pool:
         total = sum(run.config.train.steps for run in self.queue)
         self.base = {run.name: run_files.read_state(run).checkpoint or 0 for run in self.queue}
         self.bar = None
-        if progress:
-            from tqdm import tqdm
+        if progress:  # a bar on a terminal; elsewhere the runs' own lines say enough
+            from gptjax import progress as progress_display
 
-            self.bar = tqdm(
-                total=total, initial=sum(self.base.values()), unit="step", dynamic_ncols=True
+            self.bar = progress_display.bar(
+                total=total, initial=sum(self.base.values()), unit="step", final=False
             )
 
     def say(self, text: str) -> None:

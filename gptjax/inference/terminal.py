@@ -18,7 +18,15 @@ REPLY = "bot> "
 HELP = "/reset forgets the conversation, /system TEXT sets the system message, Ctrl-D quits"
 
 
-def run(bot: Chatbot, settings: Settings, system: str | None = None, out=sys.stdout) -> int:
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def run(bot: Chatbot, settings: Settings, system: str | None = None, out=None) -> int:
+    out = sys.stdout if out is None else out  # looked up now: sys.stdout may be replaced
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:  # not on every platform
@@ -27,9 +35,12 @@ def run(bot: Chatbot, settings: Settings, system: str | None = None, out=sys.std
     say(f"gptjax chat: {bot.name} ({bot.context}-token context). {HELP}.")
     messages: list[dict] = []
     turn = 0
+    echo = not _is_terminal(sys.stdin)  # piped input: show it, so the output is a transcript
     while True:
         try:
             line = input(PROMPT)
+            if echo:
+                print(line, flush=True)  # where input() wrote the prompt
         except EOFError:  # Ctrl-D
             say()
             return 0

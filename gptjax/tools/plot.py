@@ -1,8 +1,8 @@
 """`gptjax plot RUN_DIR`: one PNG of a run's metrics.jsonl against the step.
 
 Panels: train and eval loss (nats/token), learning rate, throughput (tokens/s) and MFU, and with
-train.eval_tasks a fifth: each task's eval/TASK/acc and eval/TASK/acc_norm. Needs
-matplotlib (the `plot` extra), imported only here and drawn with the non-interactive Agg backend.
+train.eval_tasks a fifth: each task's eval/TASK/acc and eval/TASK/acc_norm. Needs matplotlib (a
+dependency of gptjax), imported only here and drawn with the non-interactive Agg backend.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     if not any("loss" in r for r in records):
         raise PlotError(f"{Path(run_dir) / 'metrics.jsonl'} has no train records yet")
-    plt = pyplot("gptjax plot needs matplotlib: pip install 'gptjax[plot]' (or matplotlib)")
+    plt = pyplot("gptjax plot needs matplotlib (a gptjax dependency): pip install matplotlib")
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
     panels = list(PANELS)
     if tasks := task_keys(records):

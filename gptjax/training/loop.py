@@ -71,8 +71,8 @@ def _train(cfg: Config, progress: bool, task_eval: TaskEval | None) -> dict[str,
     setup = steps.build(cfg, debug.devices(cfg))  # config/mesh errors first, before the disk
     sources.check(cfg.data)
     init = runs.init_source(cfg) if cfg.train.init_from else None  # (source run, step)
-    run_dir = runs.prepare_run_dir(cfg)
-    with runlock.hold(run_dir):  # one writer per run directory (readers never take it)
+    # a failure before anything is written (a missing data file) removes a new run_dir again
+    with runs.new_or_existing(cfg) as run_dir, runlock.hold(run_dir):  # one writer at a time
         return _run(cfg, setup, run_dir, progress, init, task_eval)
 
 
@@ -178,11 +178,17 @@ def _run(
             if stop:
                 with monitor.phase("checkpoint"):
                     ckpt.wait()
-                log.say(
-                    f"gptjax: stopped at step {done}; checkpoint saved, run the same command "
-                    "to resume"
-                )
-                log.last["preempted"] = True
+                if cfg.debug.enabled and done == cfg.train.stop_at:  # debug mode's few steps
+                    log.say(
+                        f"gptjax: debug mode stopped at step {done} of {cfg.train.steps:,}; "
+                        "checkpoint saved"
+                    )
+                else:
+                    log.say(
+                        f"gptjax: stopped at step {done}; checkpoint saved, run the same "
+                        "command to resume"
+                    )
+                    log.last["preempted"] = True
                 break
         if pending is not None:
             report(*pending)

@@ -1,12 +1,18 @@
-"""The metrics sinks: metrics.jsonl, TensorBoard and the progress bar (process 0)."""
+"""The metrics sinks: metrics.jsonl, TensorBoard and the progress (process 0): a bar on a
+terminal, a plain line every N steps anywhere else (a log file gets no carriage returns)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from gptjax import progress as progress_display
+
+PLAIN_LINES = 50  # off a terminal: about this many progress lines a run at most
 
 
 class MetricsWriter:
@@ -73,10 +79,12 @@ class StepLogger:
         self.read = start_step  # the last step whose numbers were read
         self.last: dict[str, Any] = {}
         self.bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.plain_every = 0  # off a terminal: a plain line every this many steps
+        if progress and progress_display.interactive():
+            self.bar = progress_display.bar(total=total_steps, initial=start_step, unit="step")
+        elif progress:
+            lines = math.ceil(total_steps / (PLAIN_LINES * log_every)) if total_steps else 1
+            self.plain_every = log_every * max(1, lines)
         self.restart_window()
 
     def restart_window(self) -> None:
@@ -104,6 +112,11 @@ class StepLogger:
             if self.bar is not None and "tokens_per_s" in record:
                 tok_s = f"{record['tokens_per_s']:,.0f}"
                 self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=tok_s)
+            if self.plain_every and (step % self.plain_every == 0 or step == self.total_steps):
+                line = f"step {step:,}/{self.total_steps:,}: loss {record['loss']:.3f}"
+                if "tokens_per_s" in record:
+                    line += f", {record['tokens_per_s']:,.0f} tokens/s"
+                self.say(line)
         self.last.update(record)
 
     def eval(self, step: int, result: dict[str, float]) -> None:
@@ -125,7 +138,7 @@ class StepLogger:
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
         else:
-            print(message, file=sys.stderr)
+            print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

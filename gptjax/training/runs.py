@@ -7,9 +7,11 @@ tokenizer.json: byte-level BPE), metrics.jsonl, checkpoints/ (see README).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,14 @@ def read_config(run_dir: str | Path) -> Config:
     return cfg.model_copy(update={"mesh": cfg.mesh.on_local_devices()})
 
 
+def learned_chat(run_dir: str | Path) -> bool:
+    """Whether a run was trained on conversations (its config's data sources: e.g. chitchat or
+    chat:PATH), so that it has learned the chat template that `gptjax chat` speaks."""
+    from gptjax.data import sources
+
+    return sources.conversational(read_config(run_dir).data)
+
+
 def load_run(run_dir: str | Path, step: int | None = None, devices=None, mesh=None):
     """(setup, params, tokenizer) of a run_dir's newest (or given) checkpoint, on `devices`
     (default: one) with every device on `data`, or with `mesh` sizes ({"data": 2, "tensor": 4})
@@ -52,6 +62,25 @@ def load_run(run_dir: str | Path, step: int | None = None, devices=None, mesh=No
         ckpt.close()
     tokenizer = tok.load(run_dir)
     return setup, state["params"], tokenizer
+
+
+@contextlib.contextmanager
+def new_or_existing(cfg: Config) -> Iterator[Path]:
+    """The run directory for the `with` block (created, checked writable); when the block fails
+    and leaves nothing in the directories this call created (a missing data file, say), they
+    are removed again: a mistake leaves no empty run directory behind."""
+    run_dir = Path(cfg.run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+    path = prepare_run_dir(cfg)
+    try:
+        yield path
+    except BaseException:
+        for directory in created:
+            try:
+                directory.rmdir()  # only when empty: anything written stays
+            except OSError:
+                break
+        raise
 
 
 def prepare_run_dir(cfg: Config) -> Path:

@@ -77,6 +77,9 @@ SOURCES: dict[str, Source] = {
 }
 
 
+_PLAIN = Source("", None, "")
+
+
 def usage() -> str:
     return ", ".join(f"'{n}:{s.argument}'" if s.argument else f"'{n}'" for n, s in SOURCES.items())
 
@@ -92,6 +95,15 @@ def parse(source: str) -> tuple[Source, str]:
     if not entry.argument and colon:
         raise DataError(f"data.source={source!r}: '{name}' takes no argument")
     return entry, argument
+
+
+def conversational(cfg: DataConfig) -> bool:
+    """Whether training on these data settings shows the model conversations (the chat
+    template): data.source, or any source of the mixture or its phases, is a conversation
+    source. An unknown source counts as not one."""
+    names = [cfg.source] + [part.source for part in cfg.mixture or []]
+    names += [part.source for phase in cfg.phases or [] for part in phase.mixture]
+    return any(SOURCES.get(name.partition(":")[0], _PLAIN).conversations for name in names)
 
 
 def check(cfg: DataConfig) -> None:
