@@ -265,7 +265,7 @@ def test_debug_refuses_several_processes(monkeypatch):
 
 def test_cli_debug_flag_turns_debug_on(monkeypatch, capsys):
     got = []
-    monkeypatch.setattr(loop, "train", lambda cfg, progress: got.append(cfg) or {"ok": 1})
+    monkeypatch.setattr(loop, "train", lambda cfg, progress, **_: got.append(cfg) or {"ok": 1})
     assert cli.main(["train", "configs/debug.yaml", "--debug", "debug.no_jit=true"]) == 0
     assert got[0].debug.enabled and got[0].debug.no_jit
     assert json.loads(capsys.readouterr().out) == {"ok": 1}
