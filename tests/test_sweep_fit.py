@@ -177,3 +177,36 @@ def test_results_csv_round_trip(tmp_path):
         "run", "params", "non_embedding_params", "tokens", "flops", "eval_loss", "eval_bpb",
         "status",
     ]  # fmt: skip
+
+
+def test_a_grid_sweeps_frontier_points_carry_their_grid_values(tmp_path, monkeypatch):
+    """A grid sweep has no budgets: each frontier point is labelled by its grid values (the last
+    part of each key); an IsoFLOP sweep's are not (colour and budget say what they are)."""
+    rows = []
+    for i, (lr, width) in enumerate([(1e-3, 64), (3e-3, 64), (1e-3, 128), (3e-3, 128)]):
+        rows.append(
+            {
+                "params": 1e5 * (width // 64),
+                "tokens": 1e6,
+                "flops": 6e11 * (width // 64),
+                "eval_loss": 3.0 - 0.1 * i,
+                "status": "finished",
+                "label": f"optim.lr={lr:g} model.d_model={width}",
+                "budget": "",
+            }
+        )
+    rows.append({**rows[0], "status": "failed", "label": "optim.lr=0.1 model.d_model=64"})
+    drawn = []
+    real_save = report.save_figure
+
+    def capture(figure, path, plt):
+        drawn.append((path.name, [t.get_text() for t in figure.axes[0].texts]))
+        return real_save(figure, path, plt)
+
+    monkeypatch.setattr(report, "save_figure", capture)
+    result = fit.fit_all(rows, "eval_loss", bootstrap=0)
+    report.plots(rows, result, tmp_path)
+    frontier = dict(drawn)["frontier.png"]
+    assert frontier == ["lr=0.001 d_model=64", "lr=0.003 d_model=64", "lr=0.001 d_model=128",
+                        "lr=0.003 d_model=128"]  # fmt: skip
+    assert report.grid_labels([{**rows[0], "budget": "1e12"}]) is None

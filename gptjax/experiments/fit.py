@@ -105,6 +105,24 @@ def compute_groups(flops: np.ndarray, tolerance: float = 0.1) -> np.ndarray:
     return group
 
 
+def _loss_of(metric: str):
+    """row -> the metric as a loss (an accuracy as its error, 1 - acc)."""
+    sign, offset = (-1.0, 1.0) if is_accuracy(metric) else (1.0, 0.0)
+    return lambda row: offset + sign * _float(row.get(metric))
+
+
+def used_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The rows `points` keeps, in its order: finished, with a finite positive loss."""
+    value = _loss_of(metric)
+    return [
+        r
+        for r in rows
+        if r.get("status", "finished") in ("finished", "", None)
+        and math.isfinite(value(r))
+        and value(r) > 0
+    ]
+
+
 def points(rows: list[dict[str, Any]], metric: str, params: str = "params") -> Points:
     """The finished rows with a finite `metric` (an accuracy as its error, 1 - acc); groups by
     the `budget` column, else by FLOPs."""
@@ -112,18 +130,8 @@ def points(rows: list[dict[str, Any]], metric: str, params: str = "params") -> P
     missing = {params, "tokens", "flops", metric} - set(rows[0]) if rows else set()
     if missing:
         raise SweepError(f"results lack the column(s) {', '.join(sorted(missing))}")
-    sign, offset = (-1.0, 1.0) if is_accuracy(metric) else (1.0, 0.0)
-
-    def value(row) -> float:
-        return offset + sign * _float(row.get(metric))
-
-    kept = [
-        r
-        for r in rows
-        if r.get("status", "finished") in ("finished", "", None)
-        and math.isfinite(value(r))
-        and value(r) > 0
-    ]
+    kept = used_rows(rows, metric)
+    value = _loss_of(metric)
     N = np.array([_float(r[params]) for r in kept])
     D = np.array([_float(r["tokens"]) for r in kept])
     C = np.array([_float(r["flops"]) for r in kept])

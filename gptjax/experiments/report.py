@@ -3,7 +3,7 @@
 isoflop.png    loss against N per compute budget: the runs, each budget's parabola and its
                minimum (a dashed parabola: unbracketed, left out of the fit)
 frontier.png   loss against compute for every run, and the frontier (the lowest loss at or
-               below each compute)
+               below each compute); a grid sweep's points labelled by their grid values
 optimal.png    N_opt and D_opt against compute: the bracketed minima, the fitted power laws
                and Chinchilla's compute-optimal line for reference
 """
@@ -86,10 +86,34 @@ def plot_isoflop(p: fits.Points, result: dict[str, Any], path: Path, metric: str
     return save_figure(figure, path, plt)
 
 
-def plot_frontier(p: fits.Points, path: Path, metric: str, plt) -> Path:
+def grid_labels(rows: list[dict[str, Any]]) -> list[str] | None:
+    """For a grid sweep's rows (no compute budgets), each run's grid values as a short label
+    ("lr=0.003 d_model=64": the last part of each dotted key); None for an IsoFLOP sweep, whose
+    points the colour (N) and budget already say."""
+    if not rows or any(
+        str(r.get("budget") or "").strip().lower() not in ("", "nan", "none") for r in rows
+    ):
+        return None
+
+    def short(label: str) -> str:
+        parts = (part.partition("=") for part in str(label or "").split())
+        return " ".join(f"{key.rpartition('.')[2]}{eq}{value}" for key, eq, value in parts)
+
+    return [short(r.get("label")) for r in rows]
+
+
+def plot_frontier(
+    p: fits.Points, path: Path, metric: str, plt, labels: list[str] | None = None
+) -> Path:
+    """Every run's loss against its compute, the frontier, and with `labels` (a grid sweep)
+    each point labelled by its grid values."""
     figure, ax = plt.subplots(figsize=(7, 5))
     points = ax.scatter(p.C, p.loss, c=np.log10(p.N), cmap="viridis", s=20)
     figure.colorbar(points, ax=ax, label="log10 N")
+    for x, y, text in zip(p.C, p.loss, labels or [], strict=False):
+        ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    if labels:
+        ax.margins(x=0.35)  # room for the rightmost labels
     order = np.argsort(p.C)
     frontier = np.minimum.accumulate(p.loss[order])
     ax.step(p.C[order], frontier, where="post", color="black", label="frontier")
@@ -131,10 +155,11 @@ def plots(rows: list[dict[str, Any]], result: dict[str, Any], out: Path) -> list
     p = fits.points(rows, result["metric"], result["params"])
     if len(p) == 0:
         return []
-    plt = pyplot("plots need matplotlib: pip install 'gptjax[sweep]' (or matplotlib)")
+    plt = pyplot("plots need matplotlib (a gptjax dependency): pip install matplotlib")
     out.mkdir(parents=True, exist_ok=True)
     label = fits.fitted_name(result["metric"])
-    written = [plot_frontier(p, out / "frontier.png", label, plt)]
+    labels = grid_labels(fits.used_rows(rows, result["metric"]))
+    written = [plot_frontier(p, out / "frontier.png", label, plt, labels)]
     iso = result["isoflop"]
     if any("coefficients" in b for b in iso["budgets"]):
         written.append(plot_isoflop(p, iso, out / "isoflop.png", label, plt))
