@@ -18,9 +18,8 @@ A `Family` says three things, read by both directions in gptjax/interop/hf.py:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from gptjax.config import ModelConfig, window_of
@@ -116,7 +115,6 @@ class Family:
     config: Callable[[ModelConfig], dict]
     tensors: Callable[[ModelConfig], list[Tensor]]
     buffers: tuple[str, ...] = ()  # saved non-weights (causal masks, RoPE tables): skipped
-    defaults: dict = field(default_factory=dict)  # import defaults that may be overridden
 
     def embedding(self) -> str:
         return next(t.hf for t in self.tensors(ModelConfig()) if t.ours == "wte")
@@ -792,10 +790,3 @@ def dims(model: ModelConfig, vocab: int) -> dict[str, int]:
     Q, KV = model.n_head * model.head_dim, model.kv_heads * model.head_dim
     return {"V": vocab, "P": model.n_positions, "D": model.d_model, "F": model.ff, "Q": Q,
             "KV": KV, "3Q": 3 * Q}  # fmt: skip
-
-
-def count(model: ModelConfig, family: Family) -> int:
-    """Parameters the HF checkpoint holds (with the untrimmed vocabulary)."""
-    d = dims(model, model.vocab_size)
-    per = lambda t: math.prod(d[s] for s in t.shape) * (model.n_layer if t.per_layer else 1)
-    return sum(per(t) for t in family.tensors(model))
