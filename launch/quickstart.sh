@@ -12,3 +12,10 @@ echo "----------------------------------------"
   --top-k 50
 echo "----------------------------------------"
 "$VENV/bin/gptjax" eval "$RUN_DIR"
+cat <<EOF
+----------------------------------------
+gptjax is installed in $VENV: run $VENV/bin/gptjax, or activate the environment first:
+  . $VENV/bin/activate
+  gptjax sample $RUN_DIR --prompt "class "    # more text
+  gptjax plot $RUN_DIR                        # its curves: $RUN_DIR/metrics.png
+EOF
