@@ -17,6 +17,8 @@ from test_interop_hf import bpe_tokenizer, hf_model  # noqa: E402
 
 from gptjax import cli  # noqa: E402
 from gptjax.evaluation import loglik, run, tasks  # noqa: E402
+from gptjax.inference import generate  # noqa: E402
+from gptjax.inference.completions import token_name  # noqa: E402
 from gptjax.interop import hf  # noqa: E402
 from gptjax.training import runs  # noqa: E402
 
@@ -197,3 +199,169 @@ def test_eval_command_prints_and_logs(model_run, tmp_path, capsys):
     assert printed == {"step": 0, "tasks": {"words": json.loads(json.dumps(expected))}}
     log = run_dir / "evaluations" / "words-2shot-step0.jsonl"
     assert [json.loads(line) for line in log.read_text().splitlines()] == records
+
+
+# --- gptjax serve's /v1/completions with echo and logprobs, and lm-eval's local-completions ---
+
+
+@pytest.fixture(scope="module")
+def server(model_run):
+    """`gptjax serve RUN_DIR --port 0` on the imported run, in a subprocess; its base URL."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptjax", "serve", str(model_run[0]), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""},
+    )
+    try:
+        line = ""
+        for line in process.stderr:  # noqa: B007 - the last line read is used below
+            if "serving" in line:
+                break
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert found, f"the server did not start: {line!r}"
+        yield f"http://127.0.0.1:{found.group(1)}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def post(url, body) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = (body if isinstance(body, str) else json.dumps(body)).encode()
+    req = urllib.request.Request(url, data, {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_completion_logprobs_are_the_scorers(model_run, server):
+    """echo + logprobs + max_tokens 0 (text prompt), and two token-id prompts with one greedy
+    token each, against the scorer and the generator run here."""
+    run_dir = model_run[0]
+    setup, params, tokenizer = runs.load_run(run_dir)
+    scorer = loglik.Scorer(setup, params)
+    text = "The cat sat on a mat while dogs ran past"
+    ids = tokenizer.encode(text)
+    status, out = post(
+        f"{server}/v1/completions",
+        {"prompt": text, "echo": True, "max_tokens": 0, "logprobs": 2},
+    )
+    assert status == 200, out
+    (choice,) = out["choices"]
+    lp = choice["logprobs"]
+    assert choice["text"] == text and choice["finish_reason"] == "length"
+    assert "".join(lp["tokens"]) == text and len(lp["tokens"]) == len(ids)
+    assert lp["text_offset"] == [len(tokenizer.decode(ids[:k])) for k in range(len(ids))]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    (score,) = scorer.score([(ids[:1], ids[1:])], per_token=True, top_k=2)
+    assert lp["token_logprobs"][1:] == pytest.approx(score.token_logprobs.tolist(), abs=1e-5)
+    for top, ranked, values in zip(
+        lp["top_logprobs"][1:], score.top_ids, score.top_logprobs, strict=True
+    ):
+        assert list(top) == [token_name(tokenizer.decode, t) for t in ranked.tolist()]
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-5)
+    assert sum(lp["token_logprobs"][1:]) == pytest.approx(score.logprob, abs=1e-4)
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                            "total_tokens": len(ids)}  # fmt: skip
+
+    prompts = [ids[:5], tokenizer.encode("red doors and blue")]
+    body = {"prompt": prompts, "max_tokens": 1, "temperature": 0, "logprobs": 2}
+    status, out = post(f"{server}/v1/completions", body)
+    assert status == 200, out
+    greedy = [([], "")] * 2
+    for piece in generate.generate(setup, params, tokenizer, prompts, 1, temperature=0.0):
+        ids_so_far, text_so_far = greedy[piece.row]
+        greedy[piece.row] = (ids_so_far + list(piece.ids), text_so_far + piece.text)
+    for i, choice in enumerate(out["choices"]):
+        new, new_text = greedy[i]
+        assert choice["index"] == i and choice["text"] == new_text and len(new) == 1
+        assert len(choice["logprobs"]["tokens"]) == 1
+        (value,) = choice["logprobs"]["token_logprobs"]
+        (top,) = choice["logprobs"]["top_logprobs"]
+        (expected,) = scorer.score([(prompts[i], new)], per_token=True, top_k=2)
+        assert value == pytest.approx(expected.logprob, abs=1e-5) and expected.greedy
+        # greedy: the token is the likeliest
+        assert list(top)[0] == token_name(tokenizer.decode, new[0])
+        assert list(top.values())[0] == pytest.approx(value, abs=1e-6)
+    assert out["usage"]["completion_tokens"] == 2
+
+    # several greedy tokens: the generator's, then scored given the prompt
+    body = {"prompt": prompts[1], "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    status, out = post(f"{server}/v1/completions", body)
+    assert status == 200, out
+    new = [t for p in generate.generate(setup, params, tokenizer, [prompts[1]], 3, 0.0)
+           for t in p.ids]  # fmt: skip
+    (expected,) = scorer.score([(prompts[1], new)], per_token=True, top_k=2)
+    lp = out["choices"][0]["logprobs"]
+    assert len(new) == 3 and lp["token_logprobs"] == pytest.approx(
+        expected.token_logprobs.tolist(), abs=1e-5
+    )
+    assert [max(top.values()) for top in lp["top_logprobs"]] == pytest.approx(
+        lp["token_logprobs"], abs=1e-6
+    )  # greedy: each token is its position's likeliest
+
+
+def test_bad_completion_requests_are_one_400_error(server):
+    url = f"{server}/v1/completions"
+    cases = [
+        ({"prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"prompt": [], "max_tokens": 0}, "prompt"),
+        ({"prompt": [[1, 2], []], "max_tokens": 0, "echo": True}, "prompt"),
+        ({"prompt": [10**9], "max_tokens": 0}, "prompt"),
+        ({"prompt": ["a", "b"], "stream": True}, "stream"),
+        ({"prompt": [5] * 65, "max_tokens": 0, "echo": True, "logprobs": 0}, "prompt"),
+        ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ]
+    for body, param in cases:
+        status, out = post(url, body)
+        assert status == 400, (body, out)
+        error = out["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, out
+        assert "\n" not in error["message"]
+    status, out = post(url, {"prompt": [5] * 64, "max_tokens": 0, "logprobs": 0, "echo": True})
+    assert status == 200 and len(out["choices"][0]["logprobs"]["token_logprobs"]) == 64
+
+
+def test_lm_eval_local_completions_against_serve_equals_the_adapter(model_run, server, tmp_path):
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    import lm_eval.tasks
+
+    from gptjax.evaluation import harness
+
+    run_dir = model_run[0]
+    path = write_jsonl(tmp_path / "served.jsonl", make_examples(10, 5))
+    name = harness.task_yaml(tasks.read_task(path), path, tmp_path)
+    manager = lm_eval.tasks.TaskManager(include_path=str(tmp_path), include_defaults=False)
+    served = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"base_url={server}/v1/completions,model=gptjax,max_length=64,batch_size=16",
+        tasks=[name],
+        task_manager=manager,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    setup, params, tokenizer = runs.load_run(run_dir)
+    local = harness.evaluate(harness.make_lm(setup, params, tokenizer), [str(path)])
+    for metric in ("acc", "acc_norm"):
+        assert served["results"][name][f"{metric},none"] == local["results"][name][f"{metric},none"]
+    ours = sorted(local["samples"][name], key=lambda s: s["doc_id"])
+    theirs = sorted(served["samples"][name], key=lambda s: s["doc_id"])
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["acc"] == b["acc"] and a["acc_norm"] == b["acc_norm"]
+        lls_a = [float(r[0][0]) for r in a["resps"]]
+        lls_b = [float(r[0][0]) for r in b["resps"]]
+        assert lls_a == pytest.approx(lls_b, abs=1e-4)

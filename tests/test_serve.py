@@ -166,9 +166,9 @@ healthy = {"status": "ok", "model": "chatrun0", "context": 64, "queued": 0}
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 100}]}, 400, ""),
         ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),  # 0: echo
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
-        ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "stream"),
         ("/v1/completions", {"prompt": "x", "stop": ""}, 400, "stop"),
         ("/v1/nothing", {}, 404, "Not Found"),
     ],

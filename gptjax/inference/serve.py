@@ -3,12 +3,16 @@
     GET  /health                 {"status": "ok", "model": NAME, "context": N, "queued": K}
     GET  /v1/models              the one model
     POST /v1/chat/completions    messages -> the assistant's reply (chat template, <|end|> stops)
-    POST /v1/completions         a prompt -> its continuation
+    POST /v1/completions         a prompt (or a list: text or token ids) -> its continuation;
+                                 echo, logprobs, max_tokens 0 (gptjax/inference/completions.py)
+    GET  /tokenizer_info, POST /tokenize, /detokenize   the run's tokenizer (vLLM's shapes, which
+                                 lm-eval's local-completions detects and uses)
 
 `stream: true` sends server-sent events (`data: {chunk}` ... `data: [DONE]`) as tokens are
 generated, in OpenAI's chunk format. Supported request fields: model (any name; the run's is
 reported), messages / prompt, max_tokens (max_completion_tokens), temperature, top_p, top_k,
-seed, stop (a string or up to 4), n = 1, stream, stream_options.include_usage; other fields are
+seed, stop (a string or up to 4), n = 1, stream, stream_options.include_usage, and for
+completions echo, logprobs (0..20) and a prompt list (up to 128; not streamed); other fields are
 ignored. Defaults follow OpenAI: temperature 1, top_p 1, max_tokens 16 for completions and the
 rest of the context for chat. A reply that reaches the end of the context finishes with "length".
 
@@ -46,7 +50,9 @@ from starlette.exceptions import HTTPException
 from gptjax.config import ConfigError
 from gptjax.data import DataError, chat
 from gptjax.errors import UserError
+from gptjax.inference import generate
 from gptjax.inference.chatbot import Chatbot, Piece, Settings
+from gptjax.inference.completions import Completions
 
 _DONE = object()
 
@@ -150,9 +156,34 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def scored(self) -> bool:
+        """Not one text prompt streamed or generated plainly: Completions answers it."""
+        one_text = isinstance(self.prompt, str) or (
+            len(self.prompt) == 1 and isinstance(self.prompt[0], str)
+        )
+        return self.logprobs is not None or self.max_tokens == 0 or not one_text
+
+
+MAX_PROMPTS = 128
+EOS_TEXT = "<|endoftext|>"  # the end-of-document token, as /tokenize and /tokenizer_info name it
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
 
 
 class ServeError(UserError):
@@ -253,8 +284,84 @@ def make_app(bot: Chatbot) -> FastAPI:
             return _sse(reply.chat_chunks(pieces, usage))
         return await reply.chat_response(pieces)
 
+    scoring = Completions(bot)
+
+    def prompt_ids(prompt) -> tuple[list[list[int]], list[str]]:
+        """(token ids, text as echoed) of each prompt of a request."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        if not prompt or len(prompt) > MAX_PROMPTS:
+            raise RequestError(f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
+        ids, texts = [], []
+        vocab = bot.tokenizer.vocab_size
+        for p in prompt:
+            if isinstance(p, str):
+                ids.append(generate.encode_prompts(bot.tokenizer, [p])[0])
+                texts.append(p)
+                continue
+            if not p or any(not 0 <= i < vocab for i in p):
+                raise RequestError(
+                    f"prompt: a token-id prompt needs 1 or more ids in 0..{vocab - 1}", "prompt"
+                )
+            ids.append(list(p))
+            texts.append(bot.tokenizer.decode(p))
+        return ids, texts
+
+    async def scored_completions(body: CompletionRequest) -> dict:
+        if body.stream:
+            raise RequestError(
+                "stream: not with logprobs, max_tokens 0, token ids or several prompts", "stream"
+            )
+        prompts, texts = prompt_ids(body.prompt)
+        if body.max_tokens:
+            chosen = settings(body, min(room(len(ids), body.max_tokens) for ids in prompts))
+        else:  # nothing new: the prompt alone may fill the context
+            longest = max(len(ids) for ids in prompts)
+            if longest > bot.context:
+                raise RequestError(
+                    f"the prompt has {longest} tokens but this model's context holds {bot.context}",
+                    "prompt",
+                    "context_length_exceeded",
+                )
+            chosen = None
+
+        def job():
+            yield scoring.answer(prompts, texts, chosen, body.echo, body.logprobs)
+
+        answers = [answer async for answer in worker.submit(job)]
+        choices, completion_tokens = answers[0]
+        reply = Reply("text_completion", "cmpl", bot.name, sum(map(len, prompts)))
+        reply.completion_tokens = completion_tokens
+        return {**reply._head(reply.kind), "choices": choices, "usage": reply.usage()}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {
+            "eos_token": EOS_TEXT,
+            "bos_token": None,
+            "pad_token": None,
+            "model_max_length": bot.context,
+            "vocab_size": bot.tokenizer.vocab_size,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.prompt == EOS_TEXT:
+            ids = [bot.tokenizer.eod_id]
+        else:
+            ids = bot.tokenizer.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": bot.context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return {"prompt": bot.tokenizer.decode(body.tokens)}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
+        if body.scored():
+            return await scored_completions(body)
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
