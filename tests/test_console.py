@@ -5,28 +5,39 @@ that echoes piped input and warns about a model that never saw the chat template
 import io
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 from conftest import ROOT, tiny_config
 
 from gptjax import cli, config
+from gptjax.core import steps
 from gptjax.data import DataError
 from gptjax.inference import generate
-from gptjax.training import debug, loop, runs
+from gptjax.training import checkpoint, debug, loop, runs
 
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, cache_dir):
-    """A tiny run pretrained on the standard library (no conversations), 64-token context."""
+    """A tiny run at step 0 on the standard library (no conversations), 64-token context: its
+    config, tokenizer and initial parameters, written as a run directory (no training needed)."""
     run = tmp_path_factory.mktemp("plain")
-    loop.train(tiny_config(run, cache_dir, "train.steps=2", "train.eval_steps=1"), progress=False)
+    cfg = tiny_config(run, cache_dir)
+    data = runs.load_data(cfg, run)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    data.tokenizer.save(run / data.tokenizer.filename)
+    setup = steps.build(cfg, jax.devices()[:1])
+    ckpt = checkpoint.Checkpointer(run, keep=1, async_save=False)
+    try:
+        ckpt.save(0, steps.init_state(setup), cfg.to_dict())
+    finally:
+        ckpt.close()
     return run
 
 
@@ -43,20 +54,42 @@ def gptjax_log():
         logger.removeHandler(handler)
 
 
-# --- debug mode -----------------------------------------------------------------------------
+# --- a debug run logged to a file ------------------------------------------------------------
 
 
-def test_debug_without_train_steps_stops_at_its_default_and_says_so(tmp_path, cache_dir, capsys):
-    run = tmp_path / "dbg"
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """`gptjax train configs/debug.yaml --debug ... > out.log 2> err.log` (no train.steps given)
+    on a fresh cache: (run directory, stdout bytes, stderr bytes)."""
+    root = tmp_path_factory.mktemp("logged")
+    text = root / "library.txt"  # one file, cut into pieces at line ends
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text.write_text("".join(p.read_text() for p in sorted((stdlib / "json").glob("*.py"))) * 3)
+    settings = [f"data.source=text:{text}", f"data.cache_dir={root / 'cache'}", "data.workers=1"]
+    settings += ["train.log_every=5", "debug.nans=false"]
+    with open(root / "out.log", "w") as out, open(root / "err.log", "w") as err:
+        done = subprocess.run(
+            [sys.executable, "-m", "gptjax", "train", "configs/debug.yaml", "--debug"]
+            + [f"run_dir={root / 'run'}", *settings],
+            stdout=out,
+            stderr=err,
+            cwd=ROOT,
+            timeout=600,
+        )
+    stdout, stderr = (root / "out.log").read_bytes(), (root / "err.log").read_bytes()
+    assert done.returncode == 0, stderr.decode()[-2000:]
+    return root / "run", stdout, stderr, settings
+
+
+def test_debug_without_train_steps_stops_at_its_default_and_says_so(logged):
+    run, stdout, stderr, _ = logged
     assert config.DebugConfig().steps == 10 < config.load(ROOT / "configs/debug.yaml").train.steps
-    args = ["train", "configs/debug.yaml", "--debug", f"run_dir={run}", "--no-progress"]
-    assert cli.main([*args, f"data.cache_dir={cache_dir}"]) == 0
-    out, err = capsys.readouterr()
-    assert "debug mode: stopping after 10 of the config's 20 steps" in err
+    err = stderr.decode()
+    assert "debug mode: stopping after 10 of the config's 20 steps (debug.steps)" in err
     assert "debug mode stopped at step 10 of 20; checkpoint saved" in err
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(line["step"] for line in lines) == 10
-    assert json.loads(out)["final_step"] == 10
+    assert json.loads(stdout)["final_step"] == 10
     # the schedule is the config's 20 steps: the run is the first half of the full one
     saved = config.load(run / "config.yaml")
     assert (saved.train.steps, saved.train.stop_at) == (20, 10)
@@ -71,48 +104,25 @@ def test_debug_steps_given_on_the_command_line_are_not_capped():
     assert debug.cap_steps(short, set()) == (short, None)  # already a handful
 
 
-# --- output to a file -----------------------------------------------------------------------
-
-
-def test_output_to_a_file_has_plain_lines_and_no_carriage_returns(tmp_path):
-    """`gptjax train ... > log 2>&1`: no progress bars, a plain line every few steps, the data
-    preparation's lines; a second run on the same cache says it is cached."""
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py")):
-        shutil.copy(path, texts / f"{path.stem}.txt")
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"], "email").glob("*.py"))[:24]:
-        shutil.copy(path, texts / f"email_{path.stem}.txt")
-    cache = tmp_path / "cache"
-    common = [f"data.source=text_dir:{texts}", f"data.cache_dir={cache}", "data.vocab_size=512"]
-    common += ["train.steps=10", "train.log_every=5", "train.eval_every=0", "train.eval_steps=1"]
-    env = {**os.environ, "GPTJAX_COMPILE_CACHE": "0"}
-    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
-        done = subprocess.run(
-            [sys.executable, "-m", "gptjax", "train", "configs/debug.yaml"]
-            + [f"run_dir={tmp_path / 'run'}", *common],
-            stdout=out,
-            stderr=err,
-            cwd=ROOT,
-            env=env,
-            timeout=600,
-        )
-    stdout, stderr = (tmp_path / "out.log").read_bytes(), (tmp_path / "err.log").read_bytes()
-    assert done.returncode == 0, stderr.decode()[-2000:]
+def test_output_to_a_file_has_plain_lines_and_no_carriage_returns(logged, tmp_path):
+    """No progress bars in a file: a plain line every few steps, the data preparation's lines,
+    JAX's compile log as gptjax's information; a second run on the same cache says it is
+    cached."""
+    _, stdout, stderr, settings = logged
     assert b"\r" not in stdout and b"\r" not in stderr
-    text = stderr.decode()
-    assert "step 5/10: loss " in text and "step 10/10: loss " in text
-    assert "documents: " in text and "tokenize: " in text and " doc in " in text
-    assert max(len(line) for line in text.splitlines()) < 400
-    # nothing left to prepare: one line says so
-    cfg = tiny_config(tmp_path / "again", cache, *common)
+    err = stderr.decode()
+    assert "step 5/20: loss " in err and "step 10/20: loss " in err
+    assert "documents: " in err and "tokenize: " in err and " doc in " in err
+    assert "gptjax: INFO: Compiling jit(step_fn)" in err and "WARNING:jax" not in err
+    assert max(len(line) for line in err.splitlines()) < 400
+    cfg = tiny_config(tmp_path / "again", "unused", *settings)
     stream = io.StringIO()
-    sys_stderr, sys.stderr = sys.stderr, stream
+    sys_stderr, sys.stderr = sys.stderr, stream  # not a terminal either
     try:
         runs.load_data(cfg, tmp_path / "again", progress=True)
     finally:
         sys.stderr = sys_stderr
-    assert "data: cached, nothing to prepare" in stream.getvalue()
+    assert "gptjax: data: cached, nothing to prepare" in stream.getvalue()
     assert "\r" not in stream.getvalue()
 
 
