@@ -339,15 +339,22 @@ LLAMA = dict(
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    "changes, asked, message",
     [
-        (dict(qk_norm=True, **LLAMA), "the nearest, llama, cannot compute model.qk_norm=True"),
-        (dict(mlp="relu2"), "cannot compute model.mlp='relu2'"),
-        (dict(positions="none"), "model.positions=none"),
+        (dict(qk_norm=True, **LLAMA), [], "the nearest, llama, cannot compute model.qk_norm=True"),
+        (dict(mlp="relu2"), [], "cannot compute model.mlp='relu2'"),
+        (dict(positions="none"), [], "model.positions=none"),
+        (  # GPT-3 banded: GPT-2 has no bands, GPT-Neo no qkv bias and no score scale
+            dict(attention_pattern=["dense", "local:256"]),
+            [],
+            "the nearest, gpt2, cannot compute model.attention_pattern=('dense', 'local:256')",
+        ),
+        (LLAMA, ["--model-type", "gpt2"], "the nearest, gpt2, cannot compute model.norm='rmsnorm'"),
+        (LLAMA, ["--model-type", "bert"], "model_type='bert'; gptjax exports openai-gpt, gpt2"),
     ],
-    ids=["qk_norm", "relu2", "no_positions"],
+    ids=["qk_norm", "relu2", "no_positions", "gpt3_banded", "asked_gpt2", "bert"],
 )
-def test_export_refuses_a_model_no_family_computes(tmp_path, capsys, changes, message):
+def test_export_refuses_a_model_no_family_computes(tmp_path, capsys, changes, asked, message):
     """Refused from the run's config.yaml, before any weight is read or anything written."""
     run = tmp_path / "run"
     run.mkdir()
@@ -356,7 +363,7 @@ def test_export_refuses_a_model_no_family_computes(tmp_path, capsys, changes, me
         config.load(None, [f"model.{k}={json.dumps(v)}" for k, v in model.items()]).to_yaml()
     )
     out = tmp_path / "out"
-    assert cli.main(["export", str(run), "--format", "hf", "--out", str(out)]) == 2
+    assert cli.main(["export", str(run), "--format", "hf", "--out", str(out), *asked]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
