@@ -125,3 +125,23 @@ def test_bytes_per_token_on_a_larger_text(gpt2_style):
     ids = np.asarray(bpe.encode(text))
     assert bpe.decode(ids.tolist()) == text
     assert bpe.token_bytes()[ids].sum() == len(text.encode())
+
+
+def test_end_of_document_among_many_special_tokens(gpt2_style):
+    """Llama 3's tokenizer.json has 256 special tokens and no <|endoftext|>: its document end is
+    <|end_of_text|>; with neither and several special tokens the tokenizer says so in one line."""
+    from tokenizers import AddedToken, Tokenizer
+
+    directory, _ = gpt2_style
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["<|reserved|>"] = vocab.pop("<|endoftext|>")  # no <|endoftext|> at all
+    base = Tokenizer.from_str(json.dumps({**spec, "added_tokens": []}))
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    base.add_special_tokens([AddedToken(n, special=True) for n in names])
+    llama = BPETokenizer(base.to_str().encode())
+    assert llama.eod_id == llama.tokenizer.token_to_id("<|end_of_text|>")
+    other = Tokenizer.from_str(json.dumps({**spec, "added_tokens": []}))
+    other.add_special_tokens([AddedToken(n, special=True) for n in ("<s>", "<eos>")])
+    with pytest.raises(DataError, match="and 2 special tokens; cannot tell which one ends"):
+        _ = BPETokenizer(other.to_str().encode()).eod_id

@@ -18,6 +18,7 @@ import numpy as np
 from gptjax.data.corpus import DataError
 
 GPT2_EOD = "<|endoftext|>"
+END_OF_TEXT = (GPT2_EOD, "<|end_of_text|>")  # the document separator, by name
 INSTALL = "pip install 'gptjax[hf]'"
 
 
@@ -116,15 +117,17 @@ class BPETokenizer:
 
     @property
     def eod_id(self) -> int:
-        """`<|endoftext|>`, else the tokenizer's only special token."""
-        eod = self.tokenizer.token_to_id(GPT2_EOD)
-        if eod is not None:
-            return eod
+        """`<|endoftext|>` (GPT-2, Qwen2), else `<|end_of_text|>` (Llama 3, among its 256
+        special tokens), else the tokenizer's only special token."""
+        for name in END_OF_TEXT:
+            eod = self.tokenizer.token_to_id(name)
+            if eod is not None:
+                return eod
         special = [i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special]
         if len(special) != 1:
             raise DataError(
-                f"{self.where}: no {GPT2_EOD} token and {len(special)} special tokens; "
-                "cannot tell which one ends a document"
+                f"{self.where}: no {' or '.join(END_OF_TEXT)} token and {len(special)} special "
+                "tokens; cannot tell which one ends a document"
             )
         return special[0]
 
