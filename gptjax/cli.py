@@ -6,6 +6,7 @@ A user's mistake prints one line (`gptjax: error: ...`) and exits 2."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,6 +16,7 @@ from gptjax.config import ConfigError
 from gptjax.data import DataError
 from gptjax.errors import UserError
 from gptjax.experiments.cli import add_arguments as add_sweep_arguments
+from gptjax.inference.settings import DEFAULT, Finish, Settings
 from gptjax.tools.launch import add_arguments as add_launch_arguments
 
 
@@ -76,27 +78,32 @@ def _sample_devices(args):
     return available[: args.devices], mesh
 
 
+def _settings(args, least_new: int = 1) -> Settings:
+    """The generation flags (`_add_generation_flags`) as Settings, checked before loading."""
+    stop = getattr(args, "stop", None)
+    settings = Settings(
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        () if stop is None else (stop,),
+    )
+    settings.check(least_new)
+    return settings
+
+
 def _sample(args) -> int:
     from gptjax.inference import generate
     from gptjax.training import runs
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples}: use 1 or more")
-    if args.max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: use 0 or more")
     prompts = [p for p in _read_prompts(args) for _ in range(args.num_samples)]
-    settings = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-    )
-    generate.Sampling(args.temperature, args.top_k, args.top_p)  # bad settings: before loading
+    settings = _settings(args, least_new=0)
     devices, mesh = _sample_devices(args)
     setup, params, tokenizer = runs.load_run(args.run_dir, args.step, devices, mesh)
-    pieces = generate.generate(setup, params, tokenizer, prompts, **settings)
+    pieces = generate.generate(setup, params, tokenizer, prompts, **dataclasses.asdict(settings))
     context = setup.cfg.model.seq_len
     if len(prompts) == 1:  # stream
         sys.stdout.write(prompts[0])
@@ -108,7 +115,7 @@ def _sample(args) -> int:
             new, finish = new + len(piece.ids), piece.finish or finish
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if finish == "context" and new < args.max_new_tokens:
+        if finish == Finish.CONTEXT and new < args.max_new_tokens:
             print(f"gptjax: {_context_ended(context, new)}", file=sys.stderr)
         return 0
     per_prompt = args.num_samples
@@ -124,7 +131,7 @@ def _sample(args) -> int:
             label = f"prompt {shown // per_prompt + 1}"
             if per_prompt > 1:
                 label += f", sample {shown % per_prompt + 1}"
-            if finished[shown] == "context" and new[shown] < args.max_new_tokens:
+            if finished[shown] == Finish.CONTEXT and new[shown] < args.max_new_tokens:
                 label += f" ({_context_ended(context, new[shown])})"
             print(f"--- {label} ---")
             print(prompts[shown] + texts[shown], flush=True)
@@ -140,21 +147,14 @@ def _context_ended(context: int, new: int) -> str:
     )
 
 
-def _settings(args):
-    from gptjax.inference.chatbot import Settings
-
-    settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    settings.check()  # bad settings: before loading
-    return settings
-
-
 def _chat(args) -> int:
     from gptjax.inference import terminal
     from gptjax.inference.chatbot import Chatbot
     from gptjax.training import runs
 
     settings = _settings(args)
-    bot = Chatbot(args.run_dir, args.step)
+    devices, mesh = _sample_devices(args)
+    bot = Chatbot(args.run_dir, args.step, devices=devices, mesh=mesh)
     if not runs.learned_chat(args.run_dir):
         logging.getLogger("gptjax").warning(
             "%s was not fine-tuned on conversations (its data.source is not a chat source), so "
@@ -168,7 +168,8 @@ def _chat(args) -> int:
 def _serve(args) -> int:
     from gptjax.inference import serve
 
-    return serve.serve(args.run_dir, args.host, args.port, args.step)
+    devices, mesh = _sample_devices(args)
+    return serve.serve(args.run_dir, args.host, args.port, args.step, devices=devices, mesh=mesh)
 
 
 def _eval(args) -> int:
@@ -325,6 +326,27 @@ def _plan(args) -> int:
     return plan.run(args)
 
 
+def _add_mesh_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--devices", type=int, default=1, help=f"local devices to {verb} on")
+    p.add_argument("--tensor", type=int, default=1, help="of them, split each model's heads")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    """Which checkpoint of the run, on which devices (`_sample_devices`)."""
+    _add_mesh_flags(p, verb)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser, each: str) -> None:
+    """The flags of `_settings` (defaults: inference/settings.py) and `_add_model_flags`."""
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT.max_new_tokens, help=each)
+    p.add_argument("--temperature", type=float, default=DEFAULT.temperature, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=DEFAULT.top_k, help="0: no top-k")
+    p.add_argument("--top-p", type=float, default=DEFAULT.top_p, help="1: no nucleus cut")
+    p.add_argument("--seed", type=int, default=DEFAULT.seed)
+    _add_model_flags(p, "generate")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gptjax", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -352,34 +374,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="default: start a new document")
     p.add_argument("--prompt-file", default=None, help="one prompt per line, all in one batch")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
-    p.add_argument("--seed", type=int, default=0)
+    _add_generation_flags(p, "per sample")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--stop", default=None, help="stop a sample at this text (not printed)")
-    p.add_argument("--devices", type=int, default=1, help="local devices to generate on")
-    p.add_argument("--tensor", type=int, default=1, help="of them, split each model's heads")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     p.set_defaults(run=_sample)
 
     p = commands.add_parser("chat", help="talk to a chat model in the terminal (streaming)")
     p.add_argument("run_dir")
     p.add_argument("--system", default=None, help="a system message to start with")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="per reply")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    _add_generation_flags(p, "per reply")
     p.set_defaults(run=_chat)
 
     p = commands.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions)")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    _add_model_flags(p, "generate")
     p.set_defaults(run=_serve)
 
     p = commands.add_parser(
@@ -408,8 +418,7 @@ def parser() -> argparse.ArgumentParser:
         "(needs the [eval] extra)",
     )
     p.add_argument("--include-path", default=None, help="--harness: a folder of lm-eval YAML")
-    p.add_argument("--devices", type=int, default=1, help="local devices to score on")
-    p.add_argument("--tensor", type=int, default=1, help="of them, split each model's heads")
+    _add_mesh_flags(p, "score")
     p.set_defaults(run=_eval)
 
     p = commands.add_parser(

@@ -298,7 +298,7 @@ def test_init_from_loads_the_source_parameters_and_continues_from_them(
         "mesh.fsdp=2",  # another mesh than the source's
     )
     setup = steps.build(cfg)
-    loaded = runs.init_params(*runs.init_source(cfg), setup)
+    loaded = runs.restore_params(*runs.init_source(cfg), setup)
     source_setup, source_params, _ = runs.load_run(source_run, step=2)
     assert runs.flatten(loaded).keys() == runs.flatten(source_params).keys()
     for name, array in runs.flatten(loaded).items():

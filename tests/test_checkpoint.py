@@ -488,6 +488,40 @@ def test_no_readable_checkpoint_is_one_clear_error(reference, tmp_path, cache_di
     assert step_dirs(run) == ["10", "20"]  # nothing moved or deleted
 
 
+def test_inference_reads_the_parameters_alone(reference, tmp_path, cache_dir, capsys):
+    """Step 30 holds step 20's parameters beside an optimiser state of another structure:
+    training cannot restore it, but load_run (sample, eval, chat, serve, export) reads the
+    parameters alone, so it loads them exactly and samples what step 20 samples, on a mesh
+    (3 devices) that train.batch_size=8 does not divide."""
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    params = restore_all(run, cache_dir)[20]["params"]
+    other = {"params": params, "opt_state": {"not_adamw": np.full(3, np.nan)}, "step": 30}
+    writer = checkpoint.Checkpointer(run, async_save=False)
+    writer.save(30, jax.device_put(other, jax.devices()[0]))
+    writer.close()
+    setup = steps.build(tiny_config(run, cache_dir))
+    reader = checkpoint.Checkpointer(run, read_only=True)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot restore step 30"):
+        reader.restore(setup.abstract_state, 30)  # the training restore would need AdamW's
+    reader.close()
+
+    loaded, restored, _ = runs.load_run(run)
+    assert not hasattr(loaded, "optimizer")
+    want = runs.flatten(params)
+    assert runs.flatten(restored).keys() == want.keys()
+    for name, array in runs.flatten(restored).items():
+        np.testing.assert_array_equal(array, want[name], err_msg=name)
+
+    def sample(*flags):
+        argv = ["sample", str(run), "--prompt", "def ", "--max-new-tokens", "12"]
+        assert cli.main([*argv, "--temperature", "0", *flags]) == 0
+        return capsys.readouterr().out
+
+    capsys.readouterr()
+    assert sample() == sample("--step", "20") == sample("--devices", "3")
+
+
 def test_other_model_shapes_are_refused_listing_every_key(reference, tmp_path, cache_dir):
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)

@@ -14,6 +14,7 @@ from gptjax.config import ConfigError
 from gptjax.core import model, steps
 from gptjax.inference import generate
 from gptjax.inference.generate import Sampling, filter_logits
+from gptjax.inference.settings import Finish
 from tests.conftest import tiny_config
 
 LOGITS = jnp.log(jnp.array([0.05, 0.4, 0.1, 0.3, 0.15, 9.0]))  # the last id is past the vocab
@@ -106,7 +107,7 @@ def run(setup, params, prompts, max_new, sampling=GREEDY, chunk=16, **kwargs):
     for tokens, emitted, reasons in gen.stream(prompts, max_new, sampling, **kwargs):
         for row in range(len(prompts)):
             out[row] += tokens[row][emitted[row]].tolist()
-        finish = [generate.FINISH.get(int(r)) for r in reasons]
+        finish = [Finish.of_code(r) for r in reasons]
     return out, finish
 
 

@@ -226,6 +226,11 @@ def check_parameters(shapes, logical, rules: Rules, mesh: Mesh) -> set[str]:
     return used
 
 
+def batch_axes(rules: Rules, mesh: Mesh) -> set[str]:
+    """The mesh axes of size > 1 that shard the batch."""
+    return {a for a in _spec_axes(logical_to_spec(("batch",), rules)[0]) if mesh.shape[a] > 1}
+
+
 def check_batch(batch_size: int, micro_batches: int, rules: Rules, mesh: Mesh) -> set[str]:
     """The per-micro-batch row count must divide over the mesh axes that shard `batch`.
 
@@ -239,7 +244,7 @@ def check_batch(batch_size: int, micro_batches: int, rules: Rules, mesh: Mesh) -
         if micro_batches > 1:
             what += f" / train.micro_batches={micro_batches} = {rows} rows per micro-batch"
         raise ConfigError(f"{what} is not divisible by {_label(axes, mesh)}")
-    return {axis for axis in axes if mesh.shape[axis] > 1}
+    return batch_axes(rules, mesh)
 
 
 def warn_idle_axes(mesh: Mesh, param_axes: set[str], batch_axes: set[str]) -> list[str]:

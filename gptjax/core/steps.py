@@ -1,9 +1,11 @@
 """The step library: everything needed to run the model on a mesh, without the training loop.
 
 `build` turns a config into a `Setup` (mesh, shardings, abstract state, optimiser) before any
-array exists; `make_train_step` and `make_eval_step` jit the pure step functions with explicit
-shardings. `sample`, `eval`, `plan`, `bench`, the sweep and chat commands import this module;
-only `gptjax/training/loop.py` (the loop) adds data, checkpoints and logging around it.
+array exists; `build_model` into a `ModelSetup` (the model on a mesh, no optimiser: what
+inference loads parameters onto); `make_train_step` and `make_eval_step` jit the pure step
+functions with explicit shardings. `sample`, `eval`, `plan`, `bench`, the sweep and chat commands
+import this module; only `gptjax/training/loop.py` (the loop) adds data, checkpoints and logging
+around it.
 
 TrainState is a plain pytree {"params", "opt_state", "step"}. A batch is a dict of [B, T] int32
 arrays (gptjax/data/batch.py). The loss is a masked sum over the scored tokens divided by their
@@ -32,17 +34,16 @@ from gptjax.data import loader as data_loader
 
 
 @dataclass
-class Setup:
-    """Everything derived from the config before any array exists."""
+class ModelSetup:
+    """The model on a mesh, before any array exists: what inference needs (sample, eval, chat,
+    serve, export). No optimiser and no training batch: `train.batch_size` is not checked."""
 
     cfg: Config
     mesh: jax.sharding.Mesh
     rules: dict
     graphdef: nnx.GraphDef
-    optimizer: optax.GradientTransformation
-    schedule: optax.Schedule
-    state_shardings: Any  # pytree of NamedSharding matching TrainState
-    abstract_state: Any  # pytree of ShapeDtypeStruct (with shardings)
+    param_shardings: Any  # pytree of NamedSharding matching the parameters
+    abstract_params: Any  # pytree of ShapeDtypeStruct (with shardings)
     batch_sharding: NamedSharding  # every [batch, seq] array of a batch dict
     # cfg.model with the platform's choices made for the mesh's devices (model.attention auto ->
     # xla or cudnn): what the graph is built with; cfg itself stays as the user wrote it
@@ -64,8 +65,19 @@ class Setup:
         }
 
 
-def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
-    """Mesh, shardings and the abstract TrainState; errors here happen before compiling."""
+@dataclass
+class Setup(ModelSetup):
+    """A ModelSetup with the optimiser and the whole TrainState: what training needs."""
+
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any  # pytree of NamedSharding matching TrainState
+    abstract_state: Any  # pytree of ShapeDtypeStruct (with shardings)
+
+
+def _model_on_mesh(cfg: Config, devices) -> tuple[ModelSetup, Any, set[str], nnx.State]:
+    """(the model setup, the parameter specs, the mesh axes that shard a parameter, the
+    parameters' abstract nnx state)."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.make_rules(cfg.mesh.rules)
     model_cfg = platform.resolve(cfg.model, list(mesh.devices.flat))
@@ -78,26 +90,60 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
     param_axes = sharding.check_parameters(shapes, logical, rules, mesh)
-    batch_axes = sharding.check_batch(cfg.train.batch_size, cfg.train.micro_batches, rules, mesh)
-    sharding.warn_idle_axes(mesh, param_axes, batch_axes)
+    param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs, is_leaf=_is_spec)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, param_shardings
+    )
     batch_spec = sharding.logical_to_spec(("batch", None), rules)
+    setup = ModelSetup(
+        cfg=cfg,
+        mesh=mesh,
+        rules=rules,
+        graphdef=graphdef,
+        param_shardings=param_shardings,
+        abstract_params=abstract,
+        batch_sharding=NamedSharding(mesh, batch_spec),
+        model_cfg=model_cfg,
+    )
+    return setup, param_specs, param_axes, abstract_params
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def build_model(cfg: Config, devices: list[jax.Device] | None = None) -> ModelSetup:
+    """Mesh, rules, graph and parameter shardings for inference; errors before compiling."""
+    setup, _, param_axes, _ = _model_on_mesh(cfg, devices)
+    sharding.warn_idle_axes(setup.mesh, param_axes, sharding.batch_axes(setup.rules, setup.mesh))
+    return setup
+
+
+def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
+    """Mesh, shardings and the abstract TrainState; errors here happen before compiling."""
+    base, param_specs, param_axes, abstract_params = _model_on_mesh(cfg, devices)
+    mesh = base.mesh
+    batch_axes = sharding.check_batch(
+        cfg.train.batch_size, cfg.train.micro_batches, base.rules, mesh
+    )
+    sharding.warn_idle_axes(mesh, param_axes, batch_axes)
 
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
     schedule = optim.schedule(cfg.optim, cfg.train.steps, tokens_per_step)
     decay = model.declared(abstract_params, "decay")
     optimizer = optim.make(cfg.optim, cfg.train.steps, decay, tokens_per_step)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base.abstract_params)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
-    is_spec = lambda x: isinstance(x, PartitionSpec)
     opt_specs = optax.tree_map_params(
         optimizer,
         lambda _, spec: spec,
         opt_shapes,
         param_specs,
         transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=is_spec,
+        is_leaf=_is_spec,
     )
     specs = {"params": param_specs, "opt_state": opt_specs, "step": PartitionSpec()}
-    state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+    state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
     shapes_tree = {
         "params": shapes,
         "opt_state": opt_shapes,
@@ -108,17 +154,13 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
         shapes_tree,
         state_shardings,
     )
+    fields = {name: getattr(base, name) for name in ModelSetup.__dataclass_fields__}
     return Setup(
-        cfg=cfg,
-        mesh=mesh,
-        rules=rules,
-        graphdef=graphdef,
+        **fields,
         optimizer=optimizer,
         schedule=schedule,
         state_shardings=state_shardings,
         abstract_state=abstract_state,
-        batch_sharding=NamedSharding(mesh, batch_spec),
-        model_cfg=model_cfg,
     )
 
 
@@ -264,7 +306,7 @@ def make_train_step(setup: Setup):
     return run
 
 
-def make_eval_step(setup: Setup, token_bytes: np.ndarray):
+def make_eval_step(setup: ModelSetup, token_bytes: np.ndarray):
     """jit(params, batch) -> (sum of scored token losses in nats, tokens scored, their UTF-8
     bytes)."""
     segments = setup.cfg.data.packing == "segments"
@@ -277,7 +319,7 @@ def make_eval_step(setup: Setup, token_bytes: np.ndarray):
         n_bytes = (jnp.asarray(table)[batch["targets"]] * mask).sum()
         return masked_sum(losses, mask), mask.sum(), n_bytes
 
-    jitted = jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.batch_shardings))
+    jitted = jax.jit(eval_fn, in_shardings=(setup.param_shardings, setup.batch_shardings))
 
     def run(params, batch):
         with setup.activate():
@@ -289,7 +331,7 @@ def make_eval_step(setup: Setup, token_bytes: np.ndarray):
 # --- batches and evaluation ---------------------------------------------------------------------
 
 
-def global_batch(setup: Setup, rows_fn, batch_size: int) -> dict[str, jax.Array]:
+def global_batch(setup: ModelSetup, rows_fn, batch_size: int) -> dict[str, jax.Array]:
     """Assemble the global batch dict ([batch_size, T] per key); each process reads only its
     own rows, once: rows_fn(start, stop) -> batch dict of those rows (gptjax/data/loader.py)."""
     shape = (batch_size, setup.cfg.model.seq_len)
@@ -297,7 +339,7 @@ def global_batch(setup: Setup, rows_fn, batch_size: int) -> dict[str, jax.Array]
 
 
 def evaluate(
-    setup: Setup, eval_step, params, data, n_batches: int | None, windows: int | None = None
+    setup: ModelSetup, eval_step, params, data, n_batches: int | None, windows: int | None = None
 ) -> dict[str, float]:
     """Validation loss, perplexity and bits per byte over `n_batches` fixed batches; with
     `windows`, over exactly the first `windows` held-out windows (rows past them in the last

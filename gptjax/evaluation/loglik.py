@@ -75,10 +75,10 @@ def _score(params, inputs_BT, targets_BT, *, graphdef, top_k: int):
 class Scorer:
     """Scores requests with one model on one mesh: `Scorer(setup, params).score(requests)`.
 
-    `setup` is the model's steps setup (runs.load_run gives one on any devices and mesh),
+    `setup` is the model on its mesh (runs.load_run gives one on any devices and mesh),
     `params` its parameters. Every process of a multi-process job must make the same calls."""
 
-    def __init__(self, setup: steps.Setup, params, tokens_per_call: int = 8192):
+    def __init__(self, setup: steps.ModelSetup, params, tokens_per_call: int = 8192):
         self.setup, self.params = setup, params
         self.seq_len = setup.cfg.model.seq_len
         self.tokens_per_call = tokens_per_call
@@ -87,10 +87,6 @@ class Scorer:
         axes = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
         self.shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        # a model-only setup names them; a training setup holds them in its state's
-        self.param_shardings = (
-            getattr(setup, "param_shardings", None) or (setup.state_shardings["params"])
-        )
         self.compiled_buckets: set[tuple[int, int, int]] = set()  # (rows, length, top_k)
         self._jitted: dict[int, object] = {}  # top_k -> the jitted scoring function
 
@@ -110,7 +106,7 @@ class Scorer:
             self._jitted[top_k] = jax.jit(
                 functools.partial(_score, graphdef=self.setup.graphdef, top_k=top_k),
                 in_shardings=(
-                    self.param_shardings,
+                    self.setup.param_shardings,
                     self.setup.batch_sharding,
                     self.setup.batch_sharding,
                 ),

@@ -9,47 +9,26 @@ after `max_new_tokens`, or when the context is full.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptjax.config import ConfigError
 from gptjax.data import chat
-from gptjax.errors import UserError
 from gptjax.inference import generate
+from gptjax.inference.settings import TOKENS_PER_CALL, ContextError, Settings, check_context
 from gptjax.training import runs
+
+__all__ = ["Chatbot", "ContextError", "Message", "Piece", "Settings"]
 
 Message = chat.Message
 
 
-class ContextError(UserError):
-    """A prompt that does not fit the model's context (the message says by how much)."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to generate one reply (see gptjax/inference/generate.py for the sampling settings)."""
-
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def check(self) -> None:
-        """A ConfigError with one line for a bad setting."""
-        generate.Sampling(self.temperature, self.top_k, self.top_p)
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens {self.max_new_tokens}: use 1 or more")
-        if any(not s for s in self.stop):
-            raise ConfigError("stop holds an empty string")
-
-
 @dataclass(frozen=True)
 class Piece:
-    """New text of a reply; `finish` on the last piece: "stop" (end of turn, end of document or
-    a stop string), "length" (max_new_tokens) or "context" (the context is full)."""
+    """New text of a reply; `finish` on the last piece, as `Finish.reply` names it: "stop" (end
+    of turn, end of document or a stop string) or "length" (max_new_tokens, or the context is
+    full)."""
 
     text: str
     tokens: int  # new tokens this piece stands for
@@ -57,11 +36,19 @@ class Piece:
 
 
 class Chatbot:
-    """One run, loaded once on this process's devices."""
+    """One run, loaded once on this process's devices (`devices` and `mesh` as in
+    runs.load_run: default one device)."""
 
-    def __init__(self, run_dir: str | Path, step: int | None = None, chunk: int = 8):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        step: int | None = None,
+        chunk: int = TOKENS_PER_CALL,
+        devices=None,
+        mesh=None,
+    ):
         self.run_dir = Path(run_dir)
-        self.setup, self.params, self.tokenizer = runs.load_run(run_dir, step)
+        self.setup, self.params, self.tokenizer = runs.load_run(run_dir, step, devices, mesh)
         self.template = chat.Template(self.tokenizer)
         self.context = self.setup.cfg.model.seq_len
         self.chunk = chunk
@@ -90,17 +77,19 @@ class Chatbot:
             f"{self.context} (model.seq_len) with {self.context - limit} kept for the reply"
         )
 
-    def check_prompt(self, ids: Sequence[int]) -> None:
-        if len(ids) >= self.context:
-            raise ContextError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.context} "
-                "(model.seq_len), new tokens included"
-            )
+    def prompt_ids(self, messages: list[Message] | None = None, prompt: str = "") -> list[int]:
+        """The token ids generation starts from: the messages rendered with the template and
+        `<|assistant|>`, or a plain prompt (empty: a new document)."""
+        if messages is not None:
+            return self.template.prompt(messages)
+        return generate.encode_prompts(self.tokenizer, [prompt])[0]
 
-    def reply(self, messages: list[Message], settings: Settings) -> Iterator[Piece]:
-        """Stream the assistant's next turn after `messages` (which must fit the context)."""
-        ids = self.template.prompt(messages)
-        self.check_prompt(ids)
+    def reply(
+        self, messages: list[Message], settings: Settings, ids: list[int] | None = None
+    ) -> Iterator[Piece]:
+        """Stream the assistant's next turn after `messages` (which must fit the context);
+        `ids`: the messages already rendered (`prompt_ids`)."""
+        ids = self.prompt_ids(messages) if ids is None else ids
         stop = [*settings.stop]
         stop_ids = []
         if self.template.end_id is None:
@@ -109,33 +98,27 @@ class Chatbot:
             stop_ids.append(self.template.end_id)
         return self._stream(ids, settings, stop, stop_ids)
 
-    def complete(self, prompt: str, settings: Settings) -> Iterator[Piece]:
-        """Stream a plain continuation of `prompt` (ends at the end-of-document token)."""
-        ids = generate.encode_prompts(self.tokenizer, [prompt])[0]
-        self.check_prompt(ids)
+    def complete(
+        self, prompt: str, settings: Settings, ids: list[int] | None = None
+    ) -> Iterator[Piece]:
+        """Stream a plain continuation of `prompt` (ends at the end-of-document token); `ids`:
+        the prompt already encoded (`prompt_ids`)."""
+        ids = self.prompt_ids(prompt=prompt) if ids is None else ids
         return self._stream(ids, settings, [*settings.stop], [])
 
     def prompt_tokens(self, messages: list[Message] | None = None, prompt: str = "") -> int:
-        if messages is not None:
-            return len(self.template.prompt(messages))
-        return len(generate.encode_prompts(self.tokenizer, [prompt])[0])
+        return len(self.prompt_ids(messages, prompt))
 
     def _stream(self, ids, settings: Settings, stop: list[str], stop_ids: list[int]):
+        check_context(len(ids), self.context)  # at once, not at the first piece
+        chosen = {**dataclasses.asdict(settings), "stop": stop or None}
         pieces = generate.generate(
             self.setup,
             self.params,
             self.tokenizer,
             [ids],
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            seed=settings.seed,
-            stop=stop or None,
+            **chosen,
             chunk=self.chunk,
             stop_ids=stop_ids,
         )
-        finish_names = {"eod": "stop", "stop": "stop", "length": "length", "context": "context"}
-        for piece in pieces:
-            finish = finish_names[piece.finish] if piece.finish else None
-            yield Piece(piece.text, len(piece.ids), finish)
+        return (Piece(p.text, len(p.ids), p.finish.reply if p.finish else None) for p in pieces)

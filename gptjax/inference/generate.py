@@ -28,7 +28,6 @@ depends on (seed, row, prompt, settings), not on the chunk size or the other row
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -43,35 +42,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gptjax.config import ConfigError
 from gptjax.core import model, sharding, steps
 from gptjax.data import tokenizer as tok
+from gptjax.inference.settings import DEFAULT, TOKENS_PER_CALL, Finish, Sampling, check_context
 
 MAX_STOP_IDS = 4  # token ids that end a row (end of document, end of turn, ...): a fixed width
 
 MIN_BUCKET = 16
-FINISH = {1: "eod", 2: "length", 3: "context"}  # the device's reason codes (0: running)
 
 
 # --- sampling -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How to choose each token: temperature 0 is greedy (argmax); otherwise sample from the
-    softmax of logits / temperature restricted to the top-k tokens (0: all) and to the smallest
-    set whose probability reaches top_p (1: all)."""
-
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(
-                f"temperature {self.temperature}: use 0 (greedy) or a positive number"
-            )
-        if self.top_k < 0 or int(self.top_k) != self.top_k:
-            raise ConfigError(f"top_k {self.top_k}: use a whole number >= 0 (0: no top-k)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p {self.top_p}: use a number in (0, 1] (1: no top-p)")
 
 
 def _scaled(logits, temperature, vocab: int):
@@ -148,7 +126,8 @@ def _prefill(params, tokens_BP, lengths_B, max_new_B, *, graphdef):
         "logits": logits[:, -1],  # next-token logits [B, V]
         "length": lengths_B,  # tokens of each row so far, prompt included
         "new": jnp.zeros_like(lengths_B),  # tokens generated
-        "reason": jnp.where(max_new_B > 0, 0, 2).astype(jnp.int32),  # 0: running (FINISH)
+        # 0: running, else a Finish code
+        "reason": jnp.where(max_new_B > 0, 0, Finish.LENGTH.code).astype(jnp.int32),
     }
     return _constrain_cache(cache), state
 
@@ -177,7 +156,8 @@ def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: i
     B = halt_B.shape[0]
     base = jax.random.key(settings["seed"])
     row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(settings["row"])
-    state = dict(state, reason=jnp.where(halt_B & (state["reason"] == 0), 1, state["reason"]))
+    halted = jnp.where(halt_B & (state["reason"] == 0), Finish.EOD.code, state["reason"])
+    state = dict(state, reason=halted)
 
     def running(carry):
         i, state, *_ = carry
@@ -194,7 +174,7 @@ def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: i
         ends = jnp.any(token[:, None] == settings["eod"][None, :], axis=1)
         reason = jnp.select(
             [ends, new >= settings["max_new"], length >= seq_len],
-            [1, 2, 3],
+            [Finish.EOD.code, Finish.LENGTH.code, Finish.CONTEXT.code],
             0,
         )
         reason = jnp.where(active, reason, state["reason"])
@@ -227,13 +207,13 @@ def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: i
 
 class Chunk(NamedTuple):
     """New output of one row: token ids, their text (complete characters; cut before the stop
-    string) and, on the row's last chunk, why it stopped: "eod" (end-of-document token),
-    "stop" (the stop string), "length" (max_new_tokens) or "context" (the context is full)."""
+    string) and, on the row's last chunk, why it stopped (a `Finish`: "eod", "stop", "length" or
+    "context")."""
 
     row: int
     ids: list[int]
     text: str
-    finish: str | None
+    finish: Finish | None
 
 
 def bucket(n: int, limit: int) -> int:
@@ -249,7 +229,7 @@ class Generator:
     `chunk`: tokens decoded per device call (the streaming granularity; the first call makes
     one token, for a short time to first token)."""
 
-    def __init__(self, setup: steps.Setup, params: Any, chunk: int = 16):
+    def __init__(self, setup: steps.ModelSetup, params: Any, chunk: int = TOKENS_PER_CALL):
         if chunk < 1:
             raise ConfigError(f"chunk {chunk}: use a positive number of tokens per call")
         self.setup, self.params, self.chunk = setup, params, chunk
@@ -307,18 +287,11 @@ class Generator:
 
         return {"prefill": prefill, "decode": decode}
 
-    def check_prompt(self, ids: Sequence[int], where: str = "the prompt") -> None:
-        if len(ids) >= self.cfg.seq_len:
-            raise ConfigError(
-                f"{where} has {len(ids)} tokens but the context holds {self.cfg.seq_len} "
-                "(model.seq_len), new tokens included; shorten it"
-            )
-
     def stream(
         self,
         prompts: Sequence[Sequence[int]],
-        max_new_tokens: int | Sequence[int] = 200,
-        sampling: Sampling = Sampling(),
+        max_new_tokens: int | Sequence[int] = DEFAULT.max_new_tokens,
+        sampling: Sampling = DEFAULT.sampling,
         seed: int = 0,
         eod_id: int | Sequence[int] | None = None,
         vocab: int | None = None,
@@ -328,8 +301,8 @@ class Generator:
 
         Yields (tokens [R, k], emitted [R, k] bool, reasons [R] int) per device call for the R
         prompts until every row has finished: row r's new tokens are tokens[r][emitted[r]],
-        its reason is 0 while it runs, then a key of `FINISH`. Setting halt[r] (a bool [R]
-        array the caller owns) finishes row r from the next call on. `eod_id` (one id or
+        its reason is 0 while it runs, then a `Finish` code (`Finish.of_code`). Setting halt[r]
+        (a bool [R] array the caller owns) finishes row r from the next call on. `eod_id` (one id or
         several, e.g. a chat's end-of-turn marker too) ends a row, None never stops at a token;
         `vocab` (default the model's) bounds the ids that can be drawn.
         """
@@ -343,7 +316,7 @@ class Generator:
         for i, ids in enumerate(prompts):
             if not len(ids):
                 raise ConfigError(f"prompt {i} is empty (give at least one token)")
-            self.check_prompt(ids, f"prompt {i}" if n > 1 else "the prompt")
+            check_context(len(ids), self.cfg.seq_len, f"prompt {i}" if n > 1 else "the prompt")
         vocab = min(vocab or self.cfg.vocab, self.cfg.vocab)
         rows = self.plan_rows(n)
         P = bucket(max(len(ids) for ids in prompts), self.cfg.seq_len)
@@ -450,18 +423,18 @@ def encode_prompts(
 
 
 def generate(
-    setup: steps.Setup,
+    setup: steps.ModelSetup,
     params: Any,
     tokenizer: tok.TextTokenizer,
     prompts: Sequence[str | Sequence[int]],
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    max_new_tokens: int = DEFAULT.max_new_tokens,
+    temperature: float = DEFAULT.temperature,
+    top_k: int = DEFAULT.top_k,
+    top_p: float = DEFAULT.top_p,
+    seed: int = DEFAULT.seed,
     stop: str | Sequence[str] | None = None,
     stop_at_eod: bool = True,
-    chunk: int = 16,
+    chunk: int = TOKENS_PER_CALL,
     stop_ids: Sequence[int] = (),
 ) -> Iterator[Chunk]:
     """Continue each prompt, yielding `Chunk(row, ids, text, finish)` as tokens are produced.
@@ -488,7 +461,7 @@ def generate(
                 continue
             new = tokens[row][emitted[row]].tolist()
             piece = text.add(new, bool(reasons[row]))
-            finish = "stop" if text.stopped else FINISH.get(int(reasons[row]))
+            finish = Finish.STOP if text.stopped else Finish.of_code(reasons[row])
             if new or piece or finish:
                 yield Chunk(row, new, piece, finish)
             halt[row] = finish is not None

@@ -51,8 +51,9 @@ from gptjax.config import ConfigError
 from gptjax.data import DataError, chat
 from gptjax.errors import UserError
 from gptjax.inference import generate
-from gptjax.inference.chatbot import Chatbot, Piece, Settings
+from gptjax.inference.chatbot import Chatbot, Piece
 from gptjax.inference.completions import Completions
+from gptjax.inference.settings import TOKENS_PER_CALL, ContextError, Settings, check_context
 
 _DONE = object()
 
@@ -257,14 +258,11 @@ def make_app(bot: Chatbot) -> FastAPI:
 
     def room(prompt_tokens: int, asked: int | None) -> int:
         """New tokens allowed: as asked, at most to the end of the context."""
+        try:
+            check_context(prompt_tokens, bot.context)
+        except ContextError as error:
+            raise RequestError(str(error), "messages", "context_length_exceeded") from None
         left = bot.context - prompt_tokens
-        if left < 1:
-            raise RequestError(
-                f"the prompt has {prompt_tokens} tokens but this model's context holds "
-                f"{bot.context}, new tokens included",
-                "messages",
-                "context_length_exceeded",
-            )
         return min(asked or left, left)
 
     @app.post("/v1/chat/completions")
@@ -274,10 +272,11 @@ def make_app(bot: Chatbot) -> FastAPI:
             messages = chat.check(messages, "messages")
         except DataError as error:
             raise RequestError(str(error), "messages") from None
-        prompt_tokens = bot.prompt_tokens(messages)
+        ids = bot.prompt_ids(messages)  # encoded once per request
+        prompt_tokens = len(ids)
         asked = body.max_completion_tokens or body.max_tokens
         chosen = settings(body, room(prompt_tokens, asked))
-        pieces = worker.submit(lambda: bot.reply(messages, chosen))
+        pieces = worker.submit(lambda: bot.reply(messages, chosen, ids))
         reply = Reply("chat.completion", "chatcmpl", bot.name, prompt_tokens)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
@@ -367,9 +366,10 @@ def make_app(bot: Chatbot) -> FastAPI:
             if len(prompt) != 1:
                 raise RequestError("prompt: give one prompt (a string or a list of one)", "prompt")
             prompt = prompt[0]
-        prompt_tokens = bot.prompt_tokens(prompt=prompt)
+        ids = bot.prompt_ids(prompt=prompt)  # encoded once per request
+        prompt_tokens = len(ids)
         chosen = settings(body, room(prompt_tokens, body.max_tokens))
-        pieces = worker.submit(lambda: bot.complete(prompt, chosen))
+        pieces = worker.submit(lambda: bot.complete(prompt, chosen, ids))
         reply = Reply("text_completion", "cmpl", bot.name, prompt_tokens)
         echo = prompt if body.echo else ""
         if body.stream:
@@ -410,7 +410,7 @@ class Reply:
         async for piece in pieces:
             text += piece.text
             self.completion_tokens += piece.tokens
-            finish = _finish(piece) or finish
+            finish = piece.finish or finish
         return text, finish
 
     async def chat_response(self, pieces) -> dict:
@@ -432,7 +432,7 @@ class Reply:
             self.completion_tokens += piece.tokens
             delta = {"content": piece.text} if piece.text else {}
             if delta or piece.finish:
-                choice = {"index": 0, "delta": delta, "finish_reason": _finish(piece)}
+                choice = {"index": 0, "delta": delta, "finish_reason": piece.finish}
                 yield {**head, "choices": [choice]}
         if usage:
             yield {**head, "choices": [], "usage": self.usage()}
@@ -444,14 +444,10 @@ class Reply:
         async for piece in pieces:
             self.completion_tokens += piece.tokens
             if piece.text or piece.finish:
-                choice = {"index": 0, "text": piece.text, "finish_reason": _finish(piece)}
+                choice = {"index": 0, "text": piece.text, "finish_reason": piece.finish}
                 yield {**head, "choices": [choice]}
         if usage:
             yield {**head, "choices": [], "usage": self.usage()}
-
-
-def _finish(piece: Piece) -> str | None:
-    return {"context": "length"}.get(piece.finish, piece.finish)
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -471,9 +467,11 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, step=None, chunk: int = 8) -> int:
+def serve(
+    run_dir, host="127.0.0.1", port=8000, step=None, chunk=TOKENS_PER_CALL, devices=None, mesh=None
+) -> int:
     sock = listen(host, port)  # before loading: a taken port fails at once
-    bot = Chatbot(run_dir, step, chunk)
+    bot = Chatbot(run_dir, step, chunk, devices, mesh)
     for _ in bot.reply([{"role": "user", "content": "hi"}], Settings(max_new_tokens=2)):
         pass  # compile the generator before the first request
     bound = sock.getsockname()[1]

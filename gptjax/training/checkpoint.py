@@ -189,13 +189,18 @@ class Checkpointer:
             raise self._save_failed(error) from None
         self._saving = None
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-        """Restore `step` (default newest) onto the shardings in `abstract_state`."""
+    def _existing(self, step: int | None) -> int:
+        """`step`, or the newest when None; CheckpointError when there is no such step."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         if step not in self.manager.all_steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}")
+        return step
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+        """Restore `step` (default newest) onto the shardings in `abstract_state`."""
+        step = self._existing(step)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -271,10 +276,7 @@ class Checkpointer:
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Only the parameters of `step` (default newest), onto the shardings in
         `abstract_params`: the optimiser state is never read (it may have another structure)."""
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.manager.all_steps():
-            which = "any step" if step is None else f"step {step}"
-            raise CheckpointError(f"no checkpoint for {which} in {self.directory}")
+        step = self._existing(step)
         reader = ocp.CheckpointManager(  # a partial restore needs the PyTree handler
             self.directory,
             options=ocp.CheckpointManagerOptions(

@@ -97,7 +97,7 @@ def _run(
     )
     restored = ckpt.restore_newest_valid(setup.abstract_state)
     if restored is None and init:  # fine-tuning: the source's parameters, a fresh optimiser
-        state, start = steps.fresh_state(setup, runs.init_params(*init, setup)), 0
+        state, start = steps.fresh_state(setup, runs.restore_params(*init, setup)), 0
         if lead:
             print(f"gptjax: starting from the parameters of {cfg.train.init_from}", file=sys.stderr)
     elif restored is None:

@@ -46,22 +46,17 @@ def learned_chat(run_dir: str | Path) -> bool:
 
 
 def load_run(run_dir: str | Path, step: int | None = None, devices=None, mesh=None):
-    """(setup, params, tokenizer) of a run_dir's newest (or given) checkpoint, on `devices`
-    (default: one) with every device on `data`, or with `mesh` sizes ({"data": 2, "tensor": 4})
-    in place of that."""
+    """(model setup, params, tokenizer) of a run_dir's newest (or given) checkpoint, on
+    `devices` (default: one) with every device on `data`, or with `mesh` sizes ({"data": 2,
+    "tensor": 4}) in place of that. Only the parameters are read: no optimiser is built and
+    the optimiser state in the checkpoint is never restored."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     if mesh:
         cfg = cfg.model_copy(update={"mesh": cfg.mesh.model_copy(update=mesh)})
-    setup = steps.build(cfg, devices or jax.devices()[:1])
-    # read_only: the run may be training (and saving) right now
-    ckpt = checkpoint.Checkpointer(run_dir, async_save=False, read_only=True)
-    try:
-        state = ckpt.restore(setup.abstract_state, step)
-    finally:
-        ckpt.close()
-    tokenizer = tok.load(run_dir)
-    return setup, state["params"], tokenizer
+    setup = steps.build_model(cfg, devices or jax.devices()[:1])
+    params = restore_params(run_dir, step, setup)
+    return setup, params, tok.load(run_dir)
 
 
 @contextlib.contextmanager
@@ -162,11 +157,12 @@ def init_source(cfg: Config) -> tuple[Path, int | None]:
     return source, None if step is None else int(step)
 
 
-def init_params(source: Path, step: int | None, setup: steps.Setup) -> Any:
-    """The parameters of `source`'s checkpoint `step` (newest when None), on `setup`'s mesh."""
-    reader = checkpoint.Checkpointer(source, async_save=False, read_only=True)
+def restore_params(run_dir: Path, step: int | None, setup: steps.ModelSetup) -> Any:
+    """The parameters of `run_dir`'s checkpoint `step` (newest when None), on `setup`'s mesh;
+    read-only: the run may be training (and saving) right now."""
+    reader = checkpoint.Checkpointer(run_dir, async_save=False, read_only=True)
     try:
-        return reader.restore_params(setup.abstract_state["params"], step)
+        return reader.restore_params(setup.abstract_params, step)
     finally:
         reader.close()
 
