@@ -39,7 +39,7 @@ def main() -> None:
     for data, fsdp, tensor in MESHES:
         mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"]
         cfg = config.load(args.config, [*overrides, *mesh, "run_dir=/tmp/gptjax-mesh-bench"])
-        report = bench.run(cfg, steps=args.steps, warmup=args.warmup)
+        report = bench.run(cfg, timed=args.steps, warmup=args.warmup)
         print(json.dumps(report), flush=True)
         rows.append(((data, fsdp, tensor), report))
     print("\n| mesh (data, fsdp, tensor) | compile s | step ms (median) | tokens/s | loss |")

@@ -304,7 +304,7 @@ def _bench(args) -> int:
     for size in sizes:
         extra = [] if size is None else [f"train.batch_size={size}"]
         cfg = config.load(args.config, [*args.overrides, *extra])
-        result = bench.run(cfg, steps=args.steps, warmup=args.warmup, data=args.data)
+        result = bench.run(cfg, timed=args.steps, warmup=args.warmup, data=args.data)
         print(json.dumps(result), flush=True)
         if "error" in result:  # out of memory: larger batches will not fit either
             break

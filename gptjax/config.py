@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from omegaconf import OmegaConf
@@ -27,6 +27,12 @@ class ConfigError(UserError, ValueError):
 # across hosts (the slower network between them) in a hybrid mesh.
 MESH_AXES = ("data", "fsdp", "tensor")
 DCN_AXES = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
+# model.remat: "none", or what the backward pass recomputes (gptjax/core/model.py)
+Remat = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
+REMATS = get_args(Remat)
+# data.packing: how packed windows become batches (gptjax/data/batch.py)
+Packing = Literal["concat", "segments"]
+PACKINGS = get_args(Packing)
 
 
 class _Section(BaseModel):
@@ -89,7 +95,7 @@ class ModelConfig(_Section):
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    remat: Remat = "none"
     scan_layers: bool = True
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     loss_chunk: int = Field(
@@ -289,7 +295,7 @@ class DataConfig(_Section):
     )
     val_max_documents: int = Field(10_000, gt=0, description="cap on held-out documents")
     prefetch: int = Field(2, ge=0, description="batches built ahead in a background thread")
-    packing: Literal["concat", "segments"] = Field(
+    packing: Packing = Field(
         "concat",
         description="concat: documents joined by the end token attend across it (GPT-2/GPT-3); "
         "segments: attention and positions restart at each document",

@@ -54,7 +54,7 @@ def test_remat_full_saves_memory_in_the_compiled_step(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_gradient_accumulation_holds_one_f32_gradient_buffer(param_dtype, tmp_path, cache_dir):
-    """Issue 15.7, read from XLA's memory analysis of the compiled step: accumulating over 4
+    """Read from XLA's memory analysis of the compiled step: accumulating over 4
     micro-batches keeps at most one extra f32 gradient-sized buffer (the accumulator) beyond
     what one batch needs, whatever the parameter dtype (bf16 parameters accumulate in f32)."""
 

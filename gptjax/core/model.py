@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax.config import ModelConfig
+from gptjax.config import REMATS, ModelConfig
 from gptjax.core import attention as attn
 from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know it)
     CACHE_AXES,
@@ -37,10 +37,12 @@ from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know i
 from gptjax.core.loss import logits as logits_of
 from gptjax.core.sharding import constrain
 
+# model.remat (config.REMATS) other than "none": "full" saves nothing, the others are the
+# jax.checkpoint policies of those names
 REMAT_POLICIES = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    name: None if name == "full" else getattr(jax.checkpoint_policies, name)
+    for name in REMATS
+    if name != "none"
 }
 
 
@@ -359,15 +361,22 @@ def declared(abstract_state: nnx.State, fact: str) -> dict[str, Any]:
     return nnx.to_pure_dict(values)
 
 
+def param_name(path) -> str:
+    """A parameter's dotted name ("blocks.qkv_w") from its pytree path: the one spelling of
+    exports, plans, the parameter table and the shape checks."""
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def by_name(params: Any) -> dict[str, Any]:
+    """{"blocks.qkv_w": leaf, ...}: the parameter tree's leaves by dotted name."""
+    return {param_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
 @functools.cache
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{"blocks.qkv_w": shape, ...} from the model's own definition (nothing allocated)."""
     _, state = abstract(cfg)
-    shapes = nnx.to_pure_dict(state)
-    return {
-        ".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
-    }
+    return {name: tuple(leaf.shape) for name, leaf in by_name(nnx.to_pure_dict(state)).items()}
 
 
 @functools.cache

@@ -157,10 +157,6 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
-    return NamedSharding(mesh, spec)
-
-
 # --- activation constraints -------------------------------------------------------------------
 # The model calls `constrain(x, names)`; it is a no-op until a training or eval step activates a
 # mesh and rules with `activate`. Inside `activate` a constraint is always applied.

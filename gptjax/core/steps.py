@@ -331,13 +331,6 @@ def make_eval_step(setup: ModelSetup, token_bytes: np.ndarray):
 # --- batches and evaluation ---------------------------------------------------------------------
 
 
-def global_batch(setup: ModelSetup, rows_fn, batch_size: int) -> dict[str, jax.Array]:
-    """Assemble the global batch dict ([batch_size, T] per key); each process reads only its
-    own rows, once: rows_fn(start, stop) -> batch dict of those rows (gptjax/data/loader.py)."""
-    shape = (batch_size, setup.cfg.model.seq_len)
-    return data_loader.assemble(setup.batch_sharding, shape, rows_fn)
-
-
 def evaluate(
     setup: ModelSetup, eval_step, params, data, n_batches: int | None, windows: int | None = None
 ) -> dict[str, float]:
@@ -382,8 +375,9 @@ def _eval_totals(setup, eval_step, params, data, n_batches, windows) -> np.ndarr
         return batch
 
     totals = np.zeros(3)
+    shape = (batch_size, setup.cfg.model.seq_len)
     for k in range(n_batches):
-        batch = global_batch(setup, lambda a, b, k=k: rows(k, a, b), batch_size)
+        batch = data_loader.assemble(setup.batch_sharding, shape, lambda a, b, k=k: rows(k, a, b))
         totals += np.array([float(x) for x in eval_step(params, batch)])
     return totals
 

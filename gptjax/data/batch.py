@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from gptjax.config import PACKINGS
+
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-PACKINGS = ("concat", "segments")
 
 
 def segments_and_positions(inputs: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +60,3 @@ def from_windows(
         "segment_ids": segment_ids,
         "positions": np.ascontiguousarray(positions),
     }
-
-
-def slice_rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    return {key: value[start:stop] for key, value in batch.items()}

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import atomic
 from gptjax.config import ConfigError, ModelConfig
 from gptjax.interop import INSTALL_HINT, InteropError
 from gptjax.interop import hf_families as families
@@ -187,15 +188,15 @@ def read_tensors(directory: Path, prefix: str = "transformer.") -> dict[str, np.
 
 
 def to_gptjax(
-    tensors: dict[str, np.ndarray], model: ModelConfig, hf_vocab: int, family: Family
+    tensors: dict[str, np.ndarray], cfg: ModelConfig, hf_vocab: int, family: Family
 ) -> dict:
     """gptjax parameters (a nested dict of f32 arrays) from HF tensors (keys without the
     family's prefix); one line per problem."""
-    from gptjax.core import model as model_module
+    from gptjax.core import model
 
     tensors = {k: v for k, v in tensors.items() if not k.endswith(family.buffers)}
     embedding = family.embedding()
-    if model.tie_embeddings and families.LM_HEAD in tensors:
+    if cfg.tie_embeddings and families.LM_HEAD in tensors:
         head = tensors.pop(families.LM_HEAD)
         wte = tensors.get(embedding)
         if wte is not None and (head.shape != wte.shape or not np.array_equal(head, wte)):
@@ -203,8 +204,8 @@ def to_gptjax(
                 f"lm_head.weight differs from {embedding} but config.json has "
                 "tie_word_embeddings=true (an untied head): set it to false to import it"
             )
-    dims = families.dims(model, hf_vocab)
-    rows = list(_rows(model, family))
+    dims = families.dims(cfg, hf_vocab)
+    rows = list(_rows(cfg, family))
     unexpected = sorted(set(tensors) - {name for name, *_ in rows})
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -212,7 +213,7 @@ def to_gptjax(
             f"unexpected tensor {unexpected[0]}{more}: not part of {family.model_type} as "
             "config.json describes it"
         )
-    shapes = model_module.param_shapes(model)
+    shapes = model.param_shapes(cfg)
     params = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
     filled = {name: 0 for name in shapes}
     for name, row, layer in rows:
@@ -226,7 +227,7 @@ def to_gptjax(
         if "V" in row.shape:  # pad the vocabulary with zero rows
             axis = row.shape.index("V")
             pad = [(0, 0)] * value.ndim
-            pad[axis] = (0, model.vocab_size - hf_vocab)
+            pad[axis] = (0, cfg.vocab_size - hf_vocab)
             value = np.pad(value, pad)
         if row.linear:
             value = value.T
@@ -368,10 +369,9 @@ def write_hf(out: Path, model: ModelConfig, family: Family, params: dict, tokeni
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InteropError(f"cannot create {out}: {error.strerror}") from None
-    scratch = out / ".model.safetensors.tmp"
-    save_file(tensors, str(scratch), metadata={"format": "pt"})
-    scratch.rename(out / "model.safetensors")
+    write = lambda scratch: save_file(tensors, str(scratch), metadata={"format": "pt"})
+    atomic.write_with(out / "model.safetensors", write)
     config_json = hf_config(model, family, tokenizer.vocab_size, tokenizer.eod_id)
-    (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    atomic.write_file(out / "config.json", json.dumps(config_json, indent=2) + "\n")
     hf_tokenizer.save(tokenizer, out, model.n_positions)
     return out

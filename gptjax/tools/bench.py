@@ -1,9 +1,10 @@
 """`gptjax bench`: steady-state training throughput, MFU and memory, as one JSON object.
 
-Measured the way REFERENCE.md says: the jitted training step (forward, backward, optimiser
-update) is compiled ahead of time (the compile is timed on its own), run `warmup` times, then
-timed over `steps` steps, each blocking on its result; the median step time gives tokens/s.
-Batches are built before the clock starts, so the host data path is not part of the number.
+How it is measured: the jitted training step (forward, backward, optimiser update) is compiled
+ahead of time (the compile is timed on its own), run `warmup` times, then timed over `timed`
+steps (`gptjax bench --steps`), each blocking on its result; the median step time gives
+tokens/s. Batches are built before the clock starts, so the host data path is not part of the
+number.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 
 from gptjax.config import Config
-from gptjax.core import flops
-from gptjax.core import steps as step_library
-from gptjax.data import batch as batch_module
+from gptjax.core import flops, steps
+from gptjax.data import batch, loader
 from gptjax.data.pipeline import cache_root
 from gptjax.training import runs
 
@@ -33,10 +34,10 @@ def synthetic_rows(cfg: Config, step: int, start: int, stop: int) -> dict[str, n
     rng = np.random.default_rng((cfg.seed, step))
     shape = (cfg.train.batch_size, cfg.model.seq_len + 1)
     windows = rng.integers(0, cfg.model.vocab, shape, dtype=np.int32)[start:stop]
-    return batch_module.from_windows(windows, eod_id=0, packing=cfg.data.packing)
+    return batch.from_windows(windows, eod_id=0, packing=cfg.data.packing)
 
 
-def make_batches(setup: step_library.Setup, n: int, data: str) -> list[dict[str, jax.Array]]:
+def make_batches(setup: steps.Setup, n: int, data: str) -> list[dict[str, jax.Array]]:
     """`n` distinct global batches, synthetic or from the config's corpus."""
     cfg, B = setup.cfg, setup.cfg.train.batch_size
     if data == "synthetic":
@@ -46,7 +47,8 @@ def make_batches(setup: step_library.Setup, n: int, data: str) -> list[dict[str,
 
         dataset = runs.load_data(cfg, Path(cfg.run_dir))
         rows = lambda step: lambda a, b: dataset.train_batch(cfg.seed, step, B, a, b)
-    return [step_library.global_batch(setup, rows(step), B) for step in range(n)]
+    shape = (B, cfg.model.seq_len)
+    return [loader.assemble(setup.batch_sharding, shape, rows(step)) for step in range(n)]
 
 
 def memory_report(devices: list[jax.Device]) -> dict[str, Any]:
@@ -78,19 +80,31 @@ def is_out_of_memory(error: BaseException) -> bool:
     return any(marker in str(error) for marker in OOM_MARKERS)
 
 
-def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic") -> dict[str, Any]:
+def run(cfg: Config, timed: int = 20, warmup: int = 10, data: str = "synthetic") -> dict[str, Any]:
     """Compile, warm up and time the training step of `cfg`; returns the JSON-ready report.
 
     Units: seconds, tokens/s, FLOP/s, bytes. `mfu` = tokens/s × FLOPs/token / peak FLOP/s of
     all devices, FLOPs/token by `FLOPS_FORMULA` (flops.flops_per_token).
     """
-    if steps < 1 or warmup < 0:
+    if timed < 1 or warmup < 0:
         raise ValueError("bench needs steps >= 1 and warmup >= 0")
-    setup = step_library.build(cfg)
-    devices = list(setup.mesh.devices.flat)
+    setup = steps.build(cfg)
+    batches = make_batches(setup, min(timed + warmup, 4), data)
+    report = describe(setup, data)
+    try:
+        timing = time_steps(setup, batches, timed, warmup)
+    except Exception as error:  # noqa: BLE001 - only out-of-memory is reported, not raised
+        if not is_out_of_memory(error):
+            raise
+        return {**report, "error": "out_of_memory", "message": str(error).splitlines()[0]}
+    return {**report, **figures(setup, timing, timed, warmup)}
+
+
+def describe(setup: steps.Setup, data: str) -> dict[str, Any]:
+    """What is measured: the devices, the mesh, the batch and the model's settings."""
+    cfg, devices = setup.cfg, list(setup.mesh.devices.flat)
     B, T = cfg.train.batch_size, cfg.model.seq_len
-    batches = make_batches(setup, min(steps + warmup, 4), data)
-    report: dict[str, Any] = {
+    return {
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
         "device_count": len(devices),
@@ -104,37 +118,51 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
         "loss_chunk": getattr(cfg.model, "loss_chunk", 0),
         "data": data,
     }
-    try:
-        state = step_library.init_state(setup)
-        step_fn = step_library.make_train_step(setup)
-        start = time.perf_counter()
-        with setup.activate():
-            compiled = step_fn.jitted.lower(state, batches[0]).compile()
-        compile_s = time.perf_counter() - start
-        state, stats = compiled(state, batches[0])
-        jax.block_until_ready((state, stats))
-        first_step_s = time.perf_counter() - start
-        for k in range(warmup):
-            state, stats = compiled(state, batches[(k + 1) % len(batches)])
-        jax.block_until_ready((state, stats))
-        times = []
-        cpu_begin = time.process_time()
-        for k in range(steps):
-            begin = time.perf_counter()
-            state, stats = compiled(state, batches[(k + warmup + 1) % len(batches)])
-            jax.block_until_ready((state, stats))
-            times.append(time.perf_counter() - begin)
-        cpu_per_step = (time.process_time() - cpu_begin) / steps
-    except Exception as error:  # noqa: BLE001 - only out-of-memory is reported, not raised
-        if not is_out_of_memory(error):
-            raise
-        return {**report, "error": "out_of_memory", "message": str(error).splitlines()[0]}
 
+
+@dataclass
+class Timing:
+    compiled: jax.stages.Compiled
+    stats: dict[str, jax.Array]  # the last step's
+    compile_s: float
+    first_step_s: float  # compile + the first step
+    times: list[float]  # each timed step, blocking on its result
+    cpu_per_step: float  # process CPU time (all threads) per timed step
+
+
+def time_steps(setup: steps.Setup, batches: list, timed: int, warmup: int) -> Timing:
+    """Compile the step ahead of time, run it `warmup` times, then time `timed` steps."""
+    state = steps.init_state(setup)
+    step_fn = steps.make_train_step(setup)
+    start = time.perf_counter()
+    with setup.activate():
+        compiled = step_fn.jitted.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    state, stats = compiled(state, batches[0])
+    jax.block_until_ready((state, stats))
+    first_step_s = time.perf_counter() - start
+    for k in range(warmup):
+        state, stats = compiled(state, batches[(k + 1) % len(batches)])
+    jax.block_until_ready((state, stats))
+    times = []
+    cpu_begin = time.process_time()
+    for k in range(timed):
+        begin = time.perf_counter()
+        state, stats = compiled(state, batches[(k + warmup + 1) % len(batches)])
+        jax.block_until_ready((state, stats))
+        times.append(time.perf_counter() - begin)
+    cpu_per_step = (time.process_time() - cpu_begin) / timed
+    return Timing(compiled, stats, compile_s, first_step_s, times, cpu_per_step)
+
+
+def figures(setup: steps.Setup, timing: Timing, timed: int, warmup: int) -> dict[str, Any]:
+    """Throughput, MFU and memory from the timed steps."""
+    cfg, devices, times = setup.cfg, list(setup.mesh.devices.flat), timing.times
     step_s = statistics.median(times)
-    tokens_per_s = B * T / step_s
+    tokens_per_s = cfg.train.batch_size * cfg.model.seq_len / step_s
     flops_token = flops.flops_per_token(cfg.model)
     peak, peak_source = flops.peak_flops(devices, cache_root(cfg.data))
-    memory = compiled.memory_analysis()
+    memory = timing.compiled.memory_analysis()
     estimate = None
     if memory is not None:
         estimate = (
@@ -143,30 +171,26 @@ def run(cfg: Config, steps: int = 20, warmup: int = 10, data: str = "synthetic")
             - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes
         )
-    counts = flops.param_counts(cfg.model)
-    report.update(
-        {
-            "params": counts["params"],
-            "steps": steps,
-            "warmup": warmup,
-            "compile_s": compile_s,
-            "time_to_first_step_s": first_step_s,
-            "step_time_median_s": step_s,
-            "step_time_min_s": min(times),
-            "step_time_max_s": max(times),
-            "process_cpu_s_per_step": cpu_per_step,  # all threads; on a busy machine ~ work
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / len(devices),
-            "flops_per_token": flops_token,
-            "flops_formula": FLOPS_FORMULA,
-            "model_flops_per_s": tokens_per_s * flops_token,
-            "peak_flops": peak,
-            "peak_flops_per_device": peak / len(devices),
-            "peak_flops_source": peak_source,
-            "mfu": tokens_per_s * flops_token / peak,
-            **memory_report(devices),
-            "xla_memory_estimate_bytes_per_device": estimate,
-            "loss": float(stats["loss"]),
-        }
-    )
-    return report
+    return {
+        "params": flops.param_counts(cfg.model)["params"],
+        "steps": timed,
+        "warmup": warmup,
+        "compile_s": timing.compile_s,
+        "time_to_first_step_s": timing.first_step_s,
+        "step_time_median_s": step_s,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "process_cpu_s_per_step": timing.cpu_per_step,  # all threads; on a busy machine ~ work
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / len(devices),
+        "flops_per_token": flops_token,
+        "flops_formula": FLOPS_FORMULA,
+        "model_flops_per_s": tokens_per_s * flops_token,
+        "peak_flops": peak,
+        "peak_flops_per_device": peak / len(devices),
+        "peak_flops_source": peak_source,
+        "mfu": tokens_per_s * flops_token / peak,
+        **memory_report(devices),
+        "xla_memory_estimate_bytes_per_device": estimate,
+        "loss": float(timing.stats["loss"]),
+    }

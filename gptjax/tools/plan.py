@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import Config, ConfigError
-from gptjax.core import flops, steps
+from gptjax.core import flops, model, steps
 from gptjax.tools import gpu_target
 
 GiB = 2**30
@@ -77,17 +77,13 @@ def _shard_bytes(leaf: jax.ShapeDtypeStruct) -> int:
     return math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
 
 
-def _path_name(path) -> str:
-    return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
-
-
 def param_rows(setup: steps.Setup) -> list[dict[str, Any]]:
     """One row per parameter: name, shape, partition spec, dtype, bytes per device."""
     rows = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(setup.abstract_state["params"]):
+    for name, leaf in model.by_name(setup.abstract_params).items():
         rows.append(
             {
-                "name": _path_name(path),
+                "name": name,
                 "shape": list(leaf.shape),
                 "spec": str(tuple(leaf.sharding.spec)),
                 "dtype": str(jnp.dtype(leaf.dtype)),
@@ -105,11 +101,6 @@ def state_bytes(setup: steps.Setup) -> dict[str, int]:
     return {"params": params, "grads": params, "opt_state": opt}
 
 
-def batch_spec(setup: steps.Setup) -> dict[str, jax.ShapeDtypeStruct]:
-    """The step's input: the batch dict, [batch_size, seq_len] int32 per key, sharded."""
-    return setup.abstract_batch()
-
-
 # --- XLA --------------------------------------------------------------------------------------
 
 
@@ -117,7 +108,7 @@ def compile_step(setup: steps.Setup) -> jax.stages.Compiled:
     """The train step compiled ahead of time for abstract inputs; callable as (state, batch)."""
     step = steps.make_train_step(setup)
     with setup.activate():
-        return step.jitted.lower(setup.abstract_state, batch_spec(setup)).compile()
+        return step.jitted.lower(setup.abstract_state, setup.abstract_batch()).compile()
 
 
 def xla_memory(setup: steps.Setup, compiled: jax.stages.Compiled | None = None):
@@ -138,7 +129,7 @@ def xla_memory(setup: steps.Setup, compiled: jax.stages.Compiled | None = None):
         "temp": stats.temp_size_in_bytes,
     }
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    out["state"] = out["argument"] - sum(_shard_bytes(x) for x in batch_spec(setup).values())
+    out["state"] = out["argument"] - sum(_shard_bytes(x) for x in setup.abstract_batch().values())
     return out
 
 

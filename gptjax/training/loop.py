@@ -124,8 +124,9 @@ def _run(
     )
     bad_steps = NonFiniteSteps(cfg.train.max_bad_steps)
 
-    def batch_for(step):
-        return steps.global_batch(setup, lambda a, b: data.train_batch(cfg.seed, step, B, a, b), B)
+    def batch_for(step):  # each process reads only its own rows of the global batch, once
+        rows = lambda a, b: data.train_batch(cfg.seed, step, B, a, b)
+        return data_loader.assemble(setup.batch_sharding, (B, cfg.model.seq_len), rows)
 
     # Steps step+1 .. step+prefetch are read and transferred while step `step` runs.
     batches = data_loader.Prefetcher(batch_for, cfg.data.prefetch, stop=cfg.train.steps)

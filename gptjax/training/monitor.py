@@ -64,16 +64,15 @@ def watching(cfg: Config) -> Iterator[None]:
 
 def param_table(abstract_params: Any) -> str:
     """One row per parameter: path, shape, dtype, sharding spec, elements; then the total."""
-    import jax
+    from gptjax.core import model
 
     rows = [("parameter", "shape", "dtype", "sharding", "elements")]
     total, total_bytes = 0, 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    for name, leaf in model.by_name(abstract_params).items():
         size = math.prod(leaf.shape)
         total += size
         total_bytes += size * leaf.dtype.itemsize
         spec = getattr(getattr(leaf, "sharding", None), "spec", None)
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
         rows.append((name, str(tuple(leaf.shape)), str(leaf.dtype), str(spec), f"{size:,}"))
     rows.append(("total", "", "", "", f"{total:,} ({total_bytes / 2**20:.1f} MiB)"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gptjax import config
+from gptjax import atomic, config
 from gptjax.config import Config, ConfigError
 from gptjax.core import model, steps
 from gptjax.data import Dataset, load_dataset
@@ -213,11 +212,7 @@ def mixture_table(cfg: Config, data) -> str | None:
 
 def flatten(params: Any) -> dict[str, np.ndarray]:
     """{"blocks.qkv_w": array, ...}: the parameter tree as dotted names."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = ".".join(str(getattr(key, "key", key)) for key in path)
-        out[name] = np.asarray(jax.device_get(leaf))
-    return out
+    return {name: np.asarray(jax.device_get(a)) for name, a in model.by_name(params).items()}
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
@@ -239,13 +234,15 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
         name: a.astype(np.float32) if jax.dtypes.issubdtype(a.dtype, np.floating) else a
         for name, a in flatten(params).items()
     }
-    scratch = out / ".params.npz.tmp"
-    with open(scratch, "wb") as file:
-        np.savez(file, **arrays)
-    scratch.rename(out / "params.npz")
+    atomic.write_with(out / "params.npz", lambda scratch: _savez(scratch, arrays))
     saved = tok.find(run_dir)
-    shutil.copy(saved, out / saved.name)
-    (out / "config.yaml").write_text(setup.cfg.to_yaml())
+    atomic.write_file(out / saved.name, saved.read_bytes())
+    atomic.write_file(out / "config.yaml", setup.cfg.to_yaml())
     meta = {"step": int(step) if step is not None else None, "source": str(run_dir.absolute())}
-    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    atomic.write_file(out / "export.json", json.dumps(meta, indent=1))
     return out
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as file:  # a file, not a name: numpy would add ".npz" to a name
+        np.savez(file, **arrays)
