@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = config.load(args.config, args.overrides)
-    setup = steps.build(cfg, jax.devices()[:1])
+    setup = steps.build_model(cfg, jax.devices()[:1])  # no optimiser: generation only
     params = jax.jit(model.init_params, static_argnums=(0, 1))(cfg.model, 0)
     rng = np.random.default_rng(0)
     batches = [int(b) for b in args.batches.split(",")]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from gptjax.inference.chatbot import Chatbot, ContextError, Settings
+from gptjax.inference.chatbot import Chatbot
+from gptjax.inference.settings import ContextError, Settings
 
 PROMPT = "you> "
 REPLY = "bot> "
