@@ -10,8 +10,9 @@ batch. Where the config's micro-batch does not split over the mesh's batch axes 
 sets train.micro_batches so that each device takes one sequence per micro-batch (the same global
 batch), and says so. `--set` applies dotted overrides to every config (a row's config cell
 shows them). Prints one JSON line per compile (peak bytes per device, fits, cuDNN attention calls,
-compile seconds; an `error` instead where the mesh cannot be built), then a Markdown table;
-`--markdown` prints the table of JSON lines written before (`--out`), compiling nothing.
+compile seconds; an `error` instead where the mesh cannot be built), then a Markdown table
+(micro-batches marked * where set here); `--markdown` prints the table of JSON lines written
+before (`--out`), compiling nothing.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def markdown(rows: list[dict]) -> str:
                 continue
             verdict = "fits" if r["fits"] else "**does not fit**"
             cells.append(f"{r['peak'] / GiB:,.1f} {verdict}")
-        lines.append(f"| {name} | {gpus} | ({mesh}) · {first['micro_batches']} | ")
+        micro = f"{first['micro_batches']}{'*' if first['overrides'] else ''}"  # * set here
+        lines.append(f"| {name} | {gpus} | ({mesh}) · {micro} | ")
         lines[-1] += " | ".join(cells) + " |"
     return "\n".join(lines)
 
