@@ -1,9 +1,12 @@
 """Documents as TFDS datasets in ArrayRecord format, read by random access without TensorFlow.
 
 Local sources (`stdlib`, `text_dir:PATH`) are written once into the cache as the TFDS dataset
-`gptjax_documents` (splits `train` and `validation`; features `name` and `text`), built by a
-`GeneratorBasedBuilder` with `file_format='array_record'` and a `DatasetInfo` made directly, so
-TensorFlow is never imported. `tfds:NAME[/CONFIG][:VERSION]` reads a dataset the user already
+`gptjax_documents` (splits `train` and `validation`; features `name` and `text`): the
+`DatasetInfo` of a `GeneratorBasedBuilder` (made directly, so TensorFlow is never imported), the
+records streamed in source order by `tfds.core.SequentialWriter` in ArrayRecord format, a batch
+at a time. (`download_and_prepare` would hold every serialized example in memory until the end,
+up to 1 GB, and then all of them again to sort: memory grew with the corpus.)
+`tfds:NAME[/CONFIG][:VERSION]` reads a dataset the user already
 prepared (in ArrayRecord format) in their TFDS data dir. Both are opened through TFDS data
 sources (`builder.as_data_source`, what `tfds.data_source` calls).
 
@@ -14,10 +17,8 @@ deterministic `val_fraction` of `train` chosen by a hash of the record index.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,6 +35,9 @@ from gptjax.data.corpus import DataError
 BUILDER_NAME = "gptjax_documents"
 BUILDER_VERSION = "1.0.0"
 FORMAT_VERSION = 2
+WRITE_DOCUMENTS = 1024  # documents handed to the TFDS writer per call
+WRITE_BYTES = 8 << 20  # ... or this much text, whichever comes first
+SHARD_DOCUMENTS = 1 << 16  # documents per ArrayRecord shard
 log = logging.getLogger("gptjax")
 
 
@@ -49,16 +53,10 @@ def _builder_class():
     tfds = _tfds()
 
     class GptjaxDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Documents of a local source, split into train and validation by name."""
+        """The dataset's identity and features; `write_local` writes its splits."""
 
         VERSION = tfds.core.Version(BUILDER_VERSION)
         code_path = None  # no checksums file to look up (and no importlib_resources needed)
-
-        def __init__(self, *, documents, val_fraction, on_document, **kwargs):
-            self._documents = documents
-            self._val_fraction = val_fraction
-            self._on_document = on_document
-            super().__init__(**kwargs)
 
         def _info(self):
             text = tfds.features.Text()
@@ -69,24 +67,36 @@ def _builder_class():
                 disable_shuffling=True,  # keep the source order; the loader shuffles windows
             )
 
-        def _split_generators(self, dl_manager):
-            del dl_manager
-            return {
-                "train": self._generate_examples(validation=False),
-                "validation": self._generate_examples(validation=True),
-            }
+        def _split_generators(self, dl_manager):  # pragma: no cover - never prepared by TFDS
+            raise NotImplementedError("written by documents.write_local")
 
-        def _generate_examples(self, validation):
-            docs = corpus.split_documents(self._documents(), self._val_fraction, validation)
-            count = 0
-            for count, (name, text) in enumerate(docs, 1):
-                if not validation:
-                    self._on_document(len(text.encode()))
-                yield count, {"name": name, "text": text}
-            if count == 0 and not validation:
-                raise DataError("the corpus has fewer than 2 non-empty documents: nothing to train")
+        def _generate_examples(self):  # pragma: no cover
+            raise NotImplementedError("written by documents.write_local")
 
     return GptjaxDocuments
+
+
+def write_splits(writer, documents, val_fraction: float, on_document) -> None:
+    """Stream both splits of `documents` into `writer` (a tfds.core.SequentialWriter, or
+    anything with `add_examples`), at most WRITE_DOCUMENTS documents / WRITE_BYTES of text per
+    call, so memory holds one batch whatever the corpus size."""
+    for split, validation in (("train", False), ("validation", True)):
+        batch: list[dict] = []
+        size = count = 0
+        for name, text in corpus.split_documents(documents(), val_fraction, validation):
+            count += 1
+            n = len(text.encode())
+            if not validation:
+                on_document(n)
+            batch.append({"name": name, "text": text})
+            size += n
+            if len(batch) >= WRITE_DOCUMENTS or size >= WRITE_BYTES:
+                writer.add_examples({split: batch})
+                batch, size = [], 0
+        if batch:
+            writer.add_examples({split: batch})
+        if count == 0 and not validation:
+            raise DataError("the corpus has fewer than 2 non-empty documents: nothing to train")
 
 
 def atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
@@ -116,19 +126,14 @@ def write_local(documents, val_fraction: float, target: Path, progress: bool = F
         bar = progress_display.bar("documents", unit="B", unit_scale=True, leave=False)
 
     def build(scratch: Path) -> None:
-        builder = _builder_class()(
-            documents=documents,
-            val_fraction=val_fraction,
-            on_document=bar.update if bar is not None else lambda n: None,
-            data_dir=str(scratch),
-            file_format="array_record",
+        builder = _builder_class()(data_dir=str(scratch), file_format="array_record")
+        Path(builder.info.data_dir).mkdir(parents=True)
+        writer = tfds.core.SequentialWriter(
+            builder.info, max_examples_per_shard=SHARD_DOCUMENTS, file_format="array_record"
         )
-        config = tfds.download.DownloadConfig(try_download_gcs=False)  # nothing to download
-        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own banner
-            builder.download_and_prepare(
-                download_dir=str(scratch / "downloads"), download_config=config
-            )
-        shutil.rmtree(scratch / "downloads", ignore_errors=True)
+        writer.initialize_splits(["train", "validation"])
+        write_splits(writer, documents, val_fraction, bar.update if bar else lambda n: None)
+        writer.close_all()
 
     try:
         return atomic_dir(target, build)

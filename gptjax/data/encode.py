@@ -7,7 +7,9 @@ SentencePiece's own threads, the serial path) or in one of `workers` processes, 
 file `CHUNKS/NNNNNN.npz` (tokens, document lengths, loss masks for conversations, and the
 records it covers), written under a temporary name and renamed. The windows are then packed from
 the chunk files in order, so the output is byte-identical whatever the number of workers; at
-most 2 x workers chunks are in flight, so memory stays bounded whatever the corpus size.
+most 2 x workers chunks are in flight, so memory stays bounded whatever the corpus size. Within
+a chunk the tokenizer gets ENCODE_DOCUMENTS documents / ENCODE_BYTES at a time and its token
+lists become int32 arrays at once (a chunk's tokens as Python ints would be ~40 bytes each).
 
 A preparation killed half-way leaves its completed chunk files; the next one skips those chunks
 (their documents are not even read) and tokenises only the rest. The chunk directory is deleted
@@ -24,6 +26,7 @@ import concurrent.futures
 import multiprocessing
 import os
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,8 @@ from gptjax.data.packed import WindowWriter
 CHUNK_DOCUMENTS = 1024
 CHUNK_BYTES = 8 << 20
 READ_RECORDS = 64  # records read from the documents per call
+ENCODE_DOCUMENTS = 64  # documents given to the tokenizer per call
+ENCODE_BYTES = 1 << 20  # ... or this many characters, whichever comes first
 
 _worker: dict = {}  # in a worker process: its tokenizer and chat template
 
@@ -66,26 +71,46 @@ def _setup(filename: str, model: bytes, conversations: bool, threads: int | None
         _worker["template"] = chat.Template(tokenizer)
 
 
+def encode_batches(texts: list[str]) -> Iterator[list[str]]:
+    """`texts` in consecutive slices of at most ENCODE_DOCUMENTS documents or ENCODE_BYTES
+    characters (a longer document alone): what the tokenizer gets per call, so the token lists
+    it returns (Python ints, ~40 bytes each) stay small however large the chunk."""
+    start = size = 0
+    for i, text in enumerate(texts):
+        if i > start and (i - start >= ENCODE_DOCUMENTS or size + len(text) > ENCODE_BYTES):
+            yield texts[start:i]
+            start, size = i, 0
+        size += len(text)
+    if start < len(texts):
+        yield texts[start:]
+
+
 def encode_chunk(texts: list[str], records: tuple[int, int], path: str) -> dict:
     """Tokenise `texts` (records [start, stop) of the split) into the chunk file `path`;
     returns its counts."""
     template = _worker.get("template")
-    if template is None:
-        documents, masks = _worker["tokenizer"].encode_batch(texts), None
-    else:
-        import gptjax.data.chat as chat
+    documents: list[np.ndarray] = []  # int32 token ids of each document
+    masks: list[np.ndarray] | None = None if template is None else []
+    for batch in encode_batches(texts):
+        if template is None:
+            encoded = _worker["tokenizer"].encode_batch(batch)
+            documents += [np.asarray(ids, np.int32) for ids in encoded]
+            del encoded  # before the next batch is encoded
+        else:
+            import gptjax.data.chat as chat
 
-        rendered = template.render_many([chat.from_json(t) for t in texts])
-        documents, masks = [ids for ids, _ in rendered], [mask for _, mask in rendered]
-    lengths = np.array([len(d) for d in documents], np.int64)
+            for ids, mask in template.render_many([chat.from_json(t) for t in batch]):
+                documents.append(np.asarray(ids, np.int32))
+                masks.append(np.asarray(mask, np.uint8))
     arrays = {
-        "tokens": np.concatenate([np.asarray(d, np.int32) for d in documents] or [[]]),
-        "lengths": lengths,
+        "tokens": np.concatenate(documents or [np.empty(0, np.int32)]),
+        "lengths": np.array([len(d) for d in documents], np.int64),
         "records": np.array(records, np.int64),
         "bytes": np.array(sum(len(t.encode()) for t in texts), np.int64),
     }
+    del documents
     if masks is not None:
-        arrays["masks"] = np.concatenate([np.asarray(m, np.uint8) for m in masks] or [[]])
+        arrays["masks"] = np.concatenate(masks or [np.empty(0, np.uint8)])
     scratch = Path(path).with_name(f".tmp-{os.getpid()}-{Path(path).name}")
     with open(scratch, "wb") as file:
         np.savez(file, **arrays)

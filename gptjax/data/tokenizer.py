@@ -171,7 +171,29 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=self.threads)
+        """Token ids of each text; `threads` > 1 encodes them on a thread pool kept for the life
+        of this tokenizer (SentencePiece's default makes new threads on every call, and glibc
+        gives new threads other malloc arenas: memory crept up with the number of calls)."""
+        if self.threads <= 1:
+            return [self.sp.encode(text) for text in texts]
+        pool = self._pool()
+        if pool is None:  # an older sentencepiece, without ThreadPool
+            return self.sp.encode(texts, num_threads=self.threads)
+        return self.sp.encode(texts, num_threads=self.threads, thread_pool=pool)
+
+    def _pool(self):
+        """SentencePiece's ThreadPool of `threads` threads (made again after a fork or a change
+        of `threads`), or None when this sentencepiece has none."""
+        key = (self.threads, os.getpid())
+        if self.__dict__.get("_thread_pool", (None, None))[1] != key:
+            make = getattr(spm, "ThreadPool", None)
+            self._thread_pool = (make(self.threads) if make else None, key)
+        return self._thread_pool[0]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_thread_pool", None)  # threads do not travel
+        return state
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
