@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -166,10 +167,31 @@ def _chat(args) -> int:
 
 
 def _serve(args) -> int:
-    from gptjax.inference import serve
+    from gptjax.inference import access, serve
 
+    keys = access.load_keys(args.api_key, args.api_key_file, os.environ)
+    limits = access.Limits(
+        args.max_body_bytes,
+        args.max_prompts,
+        args.max_stops,
+        args.max_tokens,
+        args.body_timeout,
+        args.keep_alive_timeout,
+    )
+    limits.check()
+    access.exposure(args.host, keys, args.allow_unauthenticated)  # before loading devices
     devices, mesh = _sample_devices(args)
-    return serve.serve(args.run_dir, args.host, args.port, args.step, devices=devices, mesh=mesh)
+    return serve.serve(
+        args.run_dir,
+        args.host,
+        args.port,
+        args.step,
+        devices=devices,
+        mesh=mesh,
+        keys=keys,
+        allow_unauthenticated=args.allow_unauthenticated,
+        limits=limits,
+    )
 
 
 def _eval(args) -> int:
@@ -347,6 +369,34 @@ def _add_generation_flags(p: argparse.ArgumentParser, each: str) -> None:
     _add_model_flags(p, "generate")
 
 
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """Access and limits of `gptjax serve` (gptjax/inference/access.py, docs/chat.md)."""
+    from gptjax.inference.access import DEFAULT_LIMITS as limits
+    from gptjax.inference.access import KEY_ENV
+
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (also {KEY_ENV}; visible in ps: prefer those)",
+    )
+    p.add_argument("--api-key-file", default=None, help="accepted keys, one per line")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback --host without a key (otherwise refused)",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="else 413")
+    p.add_argument("--max-prompts", type=int, default=limits.max_prompts, help="per request")
+    p.add_argument("--max-stops", type=int, default=limits.max_stops, help="stop strings")
+    p.add_argument("--max-tokens", type=int, default=None, help="per request (default context)")
+    p.add_argument(
+        "--body-timeout", type=float, default=limits.body_timeout, help="seconds, else 408"
+    )
+    p.add_argument(
+        "--keep-alive-timeout", type=float, default=limits.keep_alive, help="idle seconds"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gptjax", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -389,6 +439,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    _add_serve_flags(p)
     _add_model_flags(p, "generate")
     p.set_defaults(run=_serve)
 

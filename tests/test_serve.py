@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, tiny_config
 
-from gptjax.inference import generate
+from gptjax.inference import access, generate, serve
 from gptjax.inference.chatbot import Chatbot, ContextError, Settings
 from gptjax.training import loop
 
@@ -222,6 +224,239 @@ def test_a_taken_port_is_one_clear_error(server):
     assert result.returncode == 2
     assert result.stderr.startswith(f"gptjax: error: cannot listen on 127.0.0.1:{port}")
     assert "Traceback" not in result.stderr
+
+
+# --- access and limits (gptjax/inference/access.py) ----------------------------------------------
+
+KEYS = ("first-key-0123", "second-key-4567")
+LIMITS = access.Limits(max_body_bytes=4096, max_prompts=2, max_stops=2, body_timeout=1.0)
+
+
+@pytest.fixture(scope="module")
+def guarded(bot):
+    """The app with two keys and small limits, served by uvicorn in a thread of this process
+    (the `bot` fixture's model: nothing more to load or compile); yields its base URL."""
+    import uvicorn
+
+    sock = serve.listen("127.0.0.1", 0)
+    config = uvicorn.Config(serve.make_app(bot, KEYS, LIMITS), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for _ in range(600):  # until it answers (no timing is asserted)
+        try:
+            request(url + "/health")
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def call(url, body=None, key=None, method=None, headers=()) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of a request with an optional bearer key."""
+    data = None if body is None else (body if isinstance(body, bytes) else body.encode())
+    req = urllib.request.Request(url, data, {"content-type": "application/json", **dict(headers)})
+    if method:
+        req.method = method
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as response:
+            return response.status, json.load(response), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error), dict(error.headers)
+
+
+ROUTES = [
+    ("/v1/models", None),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]})),
+    ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1})),
+    ("/v1/nothing", "{}"),
+    ("/tokenizer_info", None),
+    ("/tokenize", json.dumps({"prompt": "x"})),
+    ("/detokenize", json.dumps({"tokens": [5]})),
+]
+
+
+def good_completion(url, key=KEYS[0]):
+    body = json.dumps({"prompt": "import os\n", "max_tokens": 3, "temperature": 0})
+    status, answer, _ = call(url + "/v1/completions", body, key)
+    assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+    return answer["choices"][0]["text"]
+
+
+def test_every_route_but_health_needs_a_key(guarded, bot):
+    wrong = [None, "", "nope", KEYS[0] + "x", KEYS[0][:-1], f"{KEYS[0]} {KEYS[1]}"]
+    for path, body in ROUTES:
+        for key in wrong:
+            status, answer, headers = call(guarded + path, body, key)
+            assert status == 401, (path, key)
+            error = answer["error"]
+            assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+            assert set(error) == {"message", "type", "param", "code"}
+            assert headers["www-authenticate"] == "Bearer"
+            text = json.dumps(answer)
+            assert not any(k in text for k in KEYS) and (not key or key not in text)
+        # another scheme with a right key is refused too
+        assert call(guarded + path, body, headers={"Authorization": f"Basic {KEYS[0]}"})[0] == 401
+    status, answer, _ = call(guarded + "/health")
+    assert status == 200 and answer["status"] == "ok"
+    for key in KEYS:  # either key is accepted
+        assert call(guarded + "/v1/models", key=key)[0] == 200
+    assert call(guarded + "/v1/nothing", "{}", KEYS[1])[0] == 404
+
+
+def test_the_openai_client_with_the_key_gets_a_completion_and_a_streamed_chat(guarded, bot):
+    keyed = openai.OpenAI(base_url=f"{guarded}/v1", api_key=KEYS[1], max_retries=0, timeout=300)
+    done = keyed.completions.create(model="t", prompt="import os\n", max_tokens=8, temperature=0)
+    expected = generate.complete(
+        bot.setup, bot.params, bot.tokenizer, ["import os\n"], max_new_tokens=8, temperature=0
+    )[0]
+    assert done.choices[0].text == expected
+    messages = [{"role": "user", "content": "open a file"}]
+    stream = keyed.chat.completions.create(
+        model="t", messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == reply_text(bot, messages)
+    unkeyed = openai.OpenAI(base_url=f"{guarded}/v1", api_key="wrong", max_retries=0, timeout=300)
+    with pytest.raises(openai.AuthenticationError):
+        unkeyed.models.list()
+
+
+def raw_post(url, head: dict, parts: list[bytes], wait_for_answer=True) -> tuple[int, dict]:
+    """POST with exactly these headers and body parts (http.client: chunked when no length)."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    try:
+        chunked = "Content-Length" not in head
+        conn.putrequest("POST", "/v1/completions")
+        sent = {"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json", **head}
+        for name, value in sent.items():
+            conn.putheader(name, value)
+        if chunked:
+            conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for part in parts:
+            conn.send(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+        if chunked:
+            conn.send(b"0\r\n\r\n")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(guarded):
+    before = good_completion(guarded)
+    over = json.dumps({"prompt": "x" * 5000, "max_tokens": 1})
+    status, answer, _ = call(guarded + "/v1/completions", over, KEYS[0])
+    assert status == 413 and answer["error"]["code"] == "request_too_large"
+    # refused from the Content-Length alone: the body is never sent, the answer still comes
+    status, answer = raw_post(guarded, {"Content-Length": str(10**9)}, [])
+    assert status == 413 and "4096 bytes" in answer["error"]["message"]
+    # no Content-Length: counted as it streams in
+    status, answer = raw_post(guarded, {}, [b"{" + b" " * 1000] * 5 + [b"}"])
+    assert status == 413
+    status, answer = raw_post(guarded, {}, [b'{"prompt": "x",', b' "max_tokens": 1}'])
+    assert status == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length")
+    assert good_completion(guarded) == before
+
+
+def test_a_body_that_never_finishes_is_408(guarded):
+    status, answer = raw_post(guarded, {"Content-Length": "100"}, [b'{"prompt": '])
+    assert status == 408 and answer["error"]["code"] == "request_timeout"
+    good_completion(guarded)
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": ["a", "b", "c"], "max_tokens": 1}, "prompt"),
+        ("/v1/completions", {"prompt": [[5], [6], [7]], "max_tokens": 0}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c"]}, "stop"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 3},
+            "stop",
+        ),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 65}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 65},
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 99},
+            "max_tokens",
+        ),
+    ],
+)
+def test_requests_over_a_limit_are_400_and_the_server_keeps_serving(guarded, path, body, param):
+    status, answer, _ = call(guarded + path, json.dumps(body), KEYS[0])
+    assert status == 400
+    assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    good_completion(guarded)
+
+
+def test_within_the_limits_is_answered(guarded):
+    """Two prompts, two stops, max_tokens = the whole context (cut to what is left, "length")."""
+    body = {"prompt": ["a", "b"], "max_tokens": 1, "stop": ["x", "y"], "temperature": 0}
+    status, answer, _ = call(guarded + "/v1/completions", json.dumps(body), KEYS[0])
+    assert status == 200 and len(answer["choices"]) == 2
+    body = {"prompt": "import os\n", "max_tokens": 64, "temperature": 0}
+    status, answer, _ = call(guarded + "/v1/completions", json.dumps(body), KEYS[0])
+    assert status == 200 and answer["usage"]["total_tokens"] <= 64
+
+
+def test_keys_come_from_the_flag_the_environment_and_a_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# the team\nalpha\n\n  beta  \nalpha\n")
+    environ = {access.KEY_ENV: "gamma"}
+    assert access.load_keys("delta", keys, environ) == ("delta", "gamma", "alpha", "beta")
+    assert access.load_keys(None, None, {}) == ()
+    (tmp_path / "empty").write_text("# nothing\n\n")
+    for args, match in [
+        ((None, tmp_path / "empty", {}), "holds no key"),
+        ((None, tmp_path / "missing", {}), "cannot read --api-key-file"),
+        (("", None, {}), "an empty API key"),
+        ((None, None, {access.KEY_ENV: " "}), "an empty API key"),
+        (("two words", None, {}), "may not contain spaces"),
+    ]:
+        with pytest.raises(access.AccessError, match=match):
+            access.load_keys(*args)
+    assert access.authorized(f"Bearer {KEYS[1]}", tuple(k.encode() for k in KEYS))
+    assert not access.authorized(f"Bearer {KEYS[1]}", ())
+
+
+def test_a_public_host_without_a_key_is_refused_unless_allowed():
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
+        assert access.exposure(host, (), False) is None
+    for host in ("0.0.0.0", "::", "", "192.168.1.5", "example.org"):
+        assert access.exposure(host, ("k",), False) is None
+        with pytest.raises(access.AccessError, match="--allow-unauthenticated"):
+            access.exposure(host, (), False)
+        warning = access.exposure(host, (), True)
+        assert warning.startswith("gptjax: warning: serving on") and "\n" not in warning
+    # the command refuses before loading the run or binding the port
+    env = {k: v for k, v in os.environ.items() if k != access.KEY_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "gptjax", "serve", "no-such-run", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("gptjax: error: --host 0.0.0.0 lets other machines use")
+    assert result.stderr.count("\n") == 1
 
 
 # --- the terminal -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import uvicorn
@@ -51,6 +51,7 @@ from gptjax.config import ConfigError
 from gptjax.data import DataError, chat
 from gptjax.errors import UserError
 from gptjax.inference import generate
+from gptjax.inference.access import DEFAULT_LIMITS, Guard, Limits, exposure
 from gptjax.inference.chatbot import Chatbot, Piece
 from gptjax.inference.completions import Completions
 from gptjax.inference.settings import TOKENS_PER_CALL, ContextError, Settings, check_context
@@ -127,10 +128,10 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
 
-    def stops(self) -> tuple[str, ...]:
+    def stops(self, most: int = 4) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise RequestError("stop: give up to 4 non-empty strings", "stop")
+        if len(stops) > most or any(not s for s in stops):
+            raise RequestError(f"stop: give up to {most} non-empty strings", "stop")
         return tuple(stops)
 
 
@@ -170,7 +171,6 @@ class CompletionRequest(_Request):
         return self.logprobs is not None or self.max_tokens == 0 or not one_text
 
 
-MAX_PROMPTS = 128
 EOS_TEXT = "<|endoftext|>"  # the end-of-document token, as /tokenize and /tokenizer_info name it
 
 
@@ -216,8 +216,11 @@ def _explain(error: RequestValidationError) -> tuple[str, str | None]:
 # --- the app ------------------------------------------------------------------------------------
 
 
-def make_app(bot: Chatbot) -> FastAPI:
+def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LIMITS) -> FastAPI:
+    """The app; with `keys`, every path but /health needs one (gptjax/inference/access.py)."""
     app = FastAPI(title="gptjax", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, keys=tuple(keys), limits=limits)
+    most_tokens = limits.max_tokens or bot.context
     worker = Worker()
     seeds = itertools.count()
 
@@ -249,7 +252,8 @@ def make_app(bot: Chatbot) -> FastAPI:
 
     def settings(body: _Request, max_tokens: int) -> Settings:
         seed = body.seed if body.seed is not None else next(seeds)
-        chosen = Settings(max_tokens, body.temperature, body.top_k, body.top_p, seed, body.stops())
+        stops = body.stops(limits.max_stops)
+        chosen = Settings(max_tokens, body.temperature, body.top_k, body.top_p, seed, stops)
         try:
             chosen.check()
         except ConfigError as error:
@@ -257,7 +261,14 @@ def make_app(bot: Chatbot) -> FastAPI:
         return chosen
 
     def room(prompt_tokens: int, asked: int | None) -> int:
-        """New tokens allowed: as asked, at most to the end of the context."""
+        """New tokens allowed: as asked, at most to the end of the context; asking for more
+        than --max-tokens (default: the context) is an error."""
+        if asked is not None and asked > most_tokens:
+            raise RequestError(
+                f"max_tokens: {asked} is over the {most_tokens} new tokens this server allows "
+                f"(the model's context holds {bot.context})",
+                "max_tokens",
+            )
         try:
             check_context(prompt_tokens, bot.context)
         except ContextError as error:
@@ -291,8 +302,8 @@ def make_app(bot: Chatbot) -> FastAPI:
             prompt = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
             prompt = [prompt]
-        if not prompt or len(prompt) > MAX_PROMPTS:
-            raise RequestError(f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
+        if not prompt or len(prompt) > limits.max_prompts:
+            raise RequestError(f"prompt: give 1 to {limits.max_prompts} prompts", "prompt")
         ids, texts = [], []
         vocab = bot.tokenizer.vocab_size
         for p in prompt:
@@ -468,18 +479,34 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    run_dir, host="127.0.0.1", port=8000, step=None, chunk=TOKENS_PER_CALL, devices=None, mesh=None
+    run_dir,
+    host="127.0.0.1",
+    port=8000,
+    step=None,
+    chunk=TOKENS_PER_CALL,
+    devices=None,
+    mesh=None,
+    keys: Iterable[str] = (),
+    allow_unauthenticated: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> int:
+    keys = tuple(keys)
+    limits.check()
+    warning = exposure(host, keys, allow_unauthenticated)  # before binding or loading anything
     sock = listen(host, port)  # before loading: a taken port fails at once
     bot = Chatbot(run_dir, step, chunk, devices, mesh)
     for _ in bot.reply([{"role": "user", "content": "hi"}], Settings(max_new_tokens=2)):
         pass  # compile the generator before the first request
     bound = sock.getsockname()[1]
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    guarded = f"an API key required ({len(keys)} accepted)" if keys else "no API key"
     print(
-        f"gptjax: serving {bot.name} on http://{host}:{bound}/v1 (Ctrl-C stops)",
+        f"gptjax: serving {bot.name} on http://{host}:{bound}/v1, {guarded} (Ctrl-C stops)",
         file=sys.stderr,
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(make_app(bot), log_level="warning"))
-    server.run(sockets=[sock])
+    app = make_app(bot, keys, limits)
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=limits.keep_alive)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
