@@ -11,14 +11,19 @@
 `stream: true` sends server-sent events (`data: {chunk}` ... `data: [DONE]`) as tokens are
 generated, in OpenAI's chunk format. Supported request fields: model (any name; the run's is
 reported), messages / prompt, max_tokens (max_completion_tokens), temperature, top_p, top_k,
-seed, stop (a string or up to 4), n = 1, stream, stream_options.include_usage, and for
-completions echo, logprobs (0..20) and a prompt list (up to 128; not streamed); other fields are
-ignored. Defaults follow OpenAI: temperature 1, top_p 1, max_tokens 16 for completions and the
-rest of the context for chat. A reply that reaches the end of the context finishes with "length".
+seed, stop (a string or up to --max-stops, 4), n = 1, stream, stream_options.include_usage,
+and for completions echo, logprobs (0..20) and a prompt list (up to --max-prompts, 128; not
+streamed); other fields are ignored. Defaults follow OpenAI: temperature 1, top_p 1, max_tokens
+16 for completions and the rest of the context for chat. A reply that reaches the end of the
+context finishes with "length".
 
 Every mistake is a 4xx JSON `{"error": {"message", "type": "invalid_request_error", "param",
 "code"}}`: malformed JSON, a missing or mistyped field, an unknown role, a system message after
 the first, a prompt over the context (code "context_length_exceeded"), n > 1, an unknown path.
+
+Access and limits (gptjax/inference/access.py): with API keys every path but /health needs
+`Authorization: Bearer KEY` (401); bodies are capped in size (413) and time (408); max_tokens
+over --max-tokens (default the context) is a 400.
 
 One worker thread owns the model; requests wait in a FIFO queue and are answered one at a time
 (each streams as it is generated). When a streaming client disconnects, its generation stops at
