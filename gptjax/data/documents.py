@@ -162,7 +162,10 @@ class Split:
     def texts(self, indices: np.ndarray) -> list[str]:
         if self.keep is not None:
             indices = indices[self.keep(indices)]
-        records = self.source.__getitems__([int(i) for i in indices])
+        # One record at a time, in this thread: the data source's batched read starts a new
+        # thread pool on every call, and each new thread may get another malloc arena that
+        # keeps what it allocated (memory crept up with the number of calls).
+        records = [self.source[int(i)] for i in indices]
         out = []
         for index, record in zip(indices, records, strict=True):
             value = record[self.field]
