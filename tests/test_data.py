@@ -480,3 +480,86 @@ def test_importing_the_training_path_loads_neither_tfds_nor_grain():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_documents_reach_the_writer_a_batch_at_a_time(monkeypatch):
+    """write_splits hands the TFDS writer at most WRITE_DOCUMENTS documents (or about
+    WRITE_BYTES) per call while the source is still being read, holding back only the train
+    document split_documents keeps: memory holds one batch whatever the corpus size
+    (download_and_prepare held every document until the end)."""
+    from gptjax.data import documents
+
+    monkeypatch.setattr(documents, "WRITE_DOCUMENTS", 4)
+    monkeypatch.setattr(documents, "WRITE_BYTES", 25)
+    docs = [(f"doc{i:02d}", "x" * (1 + i % 9)) for i in range(60)]
+    train = {name for name, _ in corpus.split_documents(iter(docs), 0.2, False)}
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        pulled = 0
+        for document in docs:
+            pulled += 1
+            yield document
+
+    written = {"train": [], "validation": []}
+
+    class Writer:
+        def add_examples(self, split_examples):
+            ((split, batch),) = split_examples.items()
+            assert 1 <= len(batch) <= 4
+            assert sum(len(e["text"]) for e in batch[:-1]) < 25  # full once it holds 25
+            written[split] += [(e["name"], e["text"]) for e in batch]
+            if split == "train":  # read no further than the next train document
+                last = int(batch[-1]["name"][3:])
+                later = [j for j in range(last + 1, len(docs)) if docs[j][0] in train]
+                assert pulled <= (later[0] + 1 if later else len(docs))
+
+    sizes = []
+    documents.write_splits(Writer(), source, 0.2, sizes.append)
+    assert written["train"] == list(corpus.split_documents(iter(docs), 0.2, False))
+    assert written["validation"] == list(corpus.split_documents(iter(docs), 0.2, True))
+    assert sizes == [len(text) for _, text in written["train"]]
+    assert len(written["train"]) > 8 and written["validation"]
+
+
+def test_a_chunk_is_tokenised_a_batch_at_a_time(small, tmp_path, monkeypatch):
+    """encode_chunk gives the tokenizer at most ENCODE_DOCUMENTS documents / ENCODE_BYTES
+    characters per call (a longer document alone), and the chunk file holds exactly the
+    one-by-one token ids."""
+    tokenizer = small[1].tokenizer
+    monkeypatch.setattr(encode, "ENCODE_DOCUMENTS", 3)
+    monkeypatch.setattr(encode, "ENCODE_BYTES", 100)
+    texts = [" ".join(WORDS[i : i + 2 + 5 * (i % 4)]) for i in range(20)] + ["x y " * 80, "z"]
+    encode._setup(tokenizer.filename, tokenizer.model_bytes, False, None)
+    worker, calls = encode._worker["tokenizer"], []
+    real = worker.encode_batch
+    monkeypatch.setattr(worker, "encode_batch", lambda batch: calls.append(batch) or real(batch))
+    encode.encode_chunk(texts, (0, len(texts)), str(tmp_path / "chunk.npz"))
+    assert [text for batch in calls for text in batch] == texts
+    for batch in calls:
+        assert len(batch) <= 3 and (len(batch) == 1 or sum(map(len, batch)) <= 100)
+    expected = [tokenizer.encode(text) for text in texts]
+    with np.load(tmp_path / "chunk.npz") as stored:
+        assert stored["lengths"].tolist() == [len(ids) for ids in expected]
+        assert stored["tokens"].tolist() == [i for ids in expected for i in ids]
+
+
+def test_sentencepiece_batches_keep_one_thread_pool(small):
+    """encode_batch on threads > 1 reuses one SentencePiece ThreadPool (new threads on every
+    call took new malloc arenas) and gives the one-by-one ids, at 1 thread too and after a
+    pickle."""
+    import pickle
+
+    tokenizer = tok.Tokenizer(small[1].tokenizer.model_bytes)
+    texts = [" ".join(WORDS[i : i + 9]) for i in range(0, 60, 3)]
+    expected = [tokenizer.encode(text) for text in texts]
+    tokenizer.threads = 2
+    assert tokenizer.encode_batch(texts) == expected
+    pool = tokenizer._pool()
+    assert tokenizer.encode_batch(texts) == expected and tokenizer._pool() is pool
+    tokenizer.threads = 1
+    assert tokenizer.encode_batch(texts) == expected
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    copy.threads = 2
+    assert copy.encode_batch(texts) == expected
