@@ -429,7 +429,8 @@ def test_keys_come_from_the_flag_the_environment_and_a_file(tmp_path):
     ]:
         with pytest.raises(access.AccessError, match=match):
             access.load_keys(*args)
-    assert access.authorized(f"Bearer {KEYS[1]}", tuple(k.encode() for k in KEYS))
+    assert access.authorized(f"Bearer {KEYS[1]}", tuple(map(access.digest, KEYS)))
+    assert not access.authorized(f"Bearer {KEYS[1]}x", tuple(map(access.digest, KEYS)))
     assert not access.authorized(f"Bearer {KEYS[1]}", ())
 
 

@@ -8,14 +8,16 @@ non-loopback addresses, and the request limits (docs/chat.md, "Serving to a team
     load_keys    the keys of --api-key, GPTJAX_API_KEY and --api-key-file (one per line)
     exposure     refuse a non-loopback address without a key, unless --allow-unauthenticated
 
-Keys are compared in constant time against every key (hmac.compare_digest, no early exit) and
-never logged or echoed: errors name the file or the flag, never a key.
+Keys are compared in constant time against every key (hmac.compare_digest of SHA-256 digests,
+so neither a key's content nor its length shows in the timing; no early exit) and never logged
+or echoed: errors name the file or the flag, never a key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import ipaddress
 from collections.abc import Iterable, Mapping
@@ -117,13 +119,18 @@ def _error(status: int, message: str, code: str, headers: dict | None = None):
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def authorized(header: str | None, keys: tuple[bytes, ...]) -> bool:
-    """`Authorization: Bearer KEY` with one of `keys`; every key is compared (constant time)."""
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "replace")).digest()
+
+
+def authorized(header: str | None, digests: tuple[bytes, ...]) -> bool:
+    """`Authorization: Bearer KEY` with a key whose `digest` is one of `digests`; every one is
+    compared, in constant time."""
     scheme, _, given = (header or "").partition(" ")
-    given_bytes = given.strip().encode("utf-8", "replace")
+    mine = digest(given.strip())
     match = False
-    for key in keys:
-        match |= hmac.compare_digest(given_bytes, key)
+    for known in digests:
+        match |= hmac.compare_digest(mine, known)
     return match and scheme.lower() == "bearer"
 
 
@@ -132,7 +139,7 @@ class Guard:
 
     def __init__(self, app, keys: Iterable[str] = (), limits: Limits = DEFAULT_LIMITS):
         self.app, self.limits = app, limits
-        self.keys = tuple(k.encode() for k in keys)
+        self.keys = tuple(digest(k) for k in keys)  # the keys themselves are not kept
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
