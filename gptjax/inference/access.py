@@ -107,8 +107,8 @@ def exposure(host: str, keys: Iterable[str], allow_unauthenticated: bool) -> str
             "network, or a proxy that checks access)"
         )
     return (
-        f"gptjax: warning: serving on {host or '(every interface)'} without an API key: "
-        "anyone who can reach this port can use the model"
+        f"gptjax: warning: no API key on {host or '(every interface)'}: anyone who can reach "
+        "this port can use the model"
     )
 
 
