@@ -397,6 +397,20 @@ class OptimConfig(_Section):
     b2: float = Field(0.95, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
     clip_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    name: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="muon: Muon on the hidden weight matrices, AdamW (the keys above) on the "
+        "embeddings, head, norms and biases",
+    )
+    muon_lr: float = Field(
+        0.02, gt=0.0, description="muon: the matrices' peak lr (same warmup and decay as lr)"
+    )
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="muon: momentum")
+    muon_nesterov: bool = Field(True, description="muon: Nesterov momentum")
+    muon_ns_steps: int = Field(5, gt=0, description="muon: Newton-Schulz iterations")
+    muon_weight_decay: float = Field(
+        0.0, ge=0.0, description="muon: decoupled decay of the matrices, times the muon lr"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:

@@ -131,16 +131,18 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
     schedule = optim.schedule(cfg.optim, cfg.train.steps, tokens_per_step)
     decay = model.declared(abstract_params, "decay")
-    optimizer = optim.make(cfg.optim, cfg.train.steps, decay, tokens_per_step)
+    axes = model.declared(abstract_params, "out_sharding")
+    optimizer = optim.make(cfg.optim, cfg.train.steps, decay, tokens_per_step, axes)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base.abstract_params)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # optim.name=muon's partition
     opt_specs = optax.tree_map_params(
         optimizer,
-        lambda _, spec: spec,
+        lambda x, spec: x if masked(x) else spec,
         opt_shapes,
         param_specs,
         transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=_is_spec,
+        is_leaf=lambda x: _is_spec(x) or masked(x),
     )
     specs = {"params": param_specs, "opt_state": opt_specs, "step": PartitionSpec()}
     state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
