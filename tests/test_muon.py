@@ -10,6 +10,7 @@ import pytest
 
 from gptjax import config
 from gptjax.core import model, optim, steps
+from gptjax.training import runs
 from tests.conftest import tiny_config
 
 BASE = [
@@ -183,3 +184,11 @@ def test_muon_steps_on_sharded_matrices_equal_one_device(gpt2, mesh):
 def test_bad_muon_keys_are_one_line(override, message):
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config.load(None, [override])
+
+
+def test_resuming_with_the_other_optimiser_is_one_line(tmp_path, cache_dir):
+    saved = tiny_config(tmp_path, cache_dir)
+    (tmp_path / "config.yaml").write_text(saved.to_yaml())
+    assert runs.check_resume(tmp_path, saved) == []
+    with pytest.raises(config.ConfigError, match=r"trained with optim.name=adamw, whose .* "):
+        runs.check_resume(tmp_path, tiny_config(tmp_path, cache_dir, "optim.name=muon"))

@@ -123,6 +123,12 @@ def check_resume(run_dir: Path, cfg: Config) -> list[str]:
             f"{run_dir} holds a run with different parameter shapes: {', '.join(keys)} "
             f"({shown}); use a new run_dir"
         )
+    if saved.optim.name != cfg.optim.name:  # the optimiser state has another structure
+        raise ConfigError(
+            f"{run_dir} was trained with optim.name={saved.optim.name}, whose optimiser state "
+            f"optim.name={cfg.optim.name} cannot continue; use a new run_dir (with "
+            f"train.init_from={run_dir} to start from its parameters)"
+        )
     return [
         f"{key}: {before.get(key)} -> {after.get(key)}"
         for key in sorted(set(before) | set(after))
