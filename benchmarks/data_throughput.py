@@ -29,11 +29,10 @@ def _timed(fn, *args, **kwargs):
 
 def measure_prepare(cfg, seq_len: int, max_vocab: int) -> dict:
     """Each stage timed separately into `cfg.cache_dir` (which should be empty)."""
-    from gptjax.data import documents as docs_module
-    from gptjax.data import pipeline
+    from gptjax.data import array_records, pipeline
 
     root = pipeline.cache_root(cfg)
-    docs = docs_module.open_documents(cfg, root)
+    docs = array_records.open_documents(cfg, root)
     _, t_docs = _timed(lambda: docs.train)
     tokenizer_bytes, t_tok = _timed(pipeline._trained_tokenizer, cfg, docs, root)
     directory, t_pack = _timed(pipeline.prepare, cfg, seq_len, max_vocab=max_vocab)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import config
-from gptjax.core import loss, model, steps
+from gptjax.core import model, steps, vocab_loss
 from gptjax.tools import bench
 
 
@@ -104,7 +104,7 @@ def main() -> None:
         if chunk >= T:
             continue
         f = jax.jit(
-            jax.grad(lambda h, w, c=chunk: loss.token_losses(h, w, targets, c).mean(), (0, 1))
+            jax.grad(lambda h, w, c=chunk: vocab_loss.token_losses(h, w, targets, c).mean(), (0, 1))
         )
         add(f"head_xent_fwd_bwd chunk={chunk}", timed(f, h, w, repeats=r), 3 * head_flops)
 

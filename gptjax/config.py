@@ -30,7 +30,7 @@ DCN_AXES = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 # model.remat: "none", or what the backward pass recomputes (gptjax/core/model.py)
 Remat = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 REMATS = get_args(Remat)
-# data.packing: how packed windows become batches (gptjax/data/batch.py)
+# data.packing: how packed windows become batches (gptjax/data/batching.py)
 Packing = Literal["concat", "segments"]
 PACKINGS = get_args(Packing)
 

@@ -14,7 +14,7 @@ from gptjax.config import ConfigError
 from gptjax.core import model, steps
 from gptjax.data import DataError, chat, load_dataset
 from gptjax.data import tokenizer as tok
-from gptjax.data.batch import from_windows
+from gptjax.data.batching import from_windows
 from gptjax.data.packed import PackedWindows, WindowWriter
 from gptjax.data.sources import chitchat
 from gptjax.training import loop, runs

@@ -65,7 +65,7 @@ def test_the_checker_finds_a_cycle():
 def test_no_import_cycle():
     graph = module_graph()
     assert "gptjax.data.pipeline" in graph["gptjax.data"]  # the graph is really read
-    assert "gptjax.data.corpus" in graph["gptjax.data.documents"]
+    assert "gptjax.data.corpus" in graph["gptjax.data.array_records"]
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -123,7 +123,7 @@ def test_every_module_has_a_layer():
 
 def test_the_layer_checker_finds_a_wrong_import():
     graph = {
-        "gptjax.core.model": {"gptjax.training.loop", "gptjax.data.batch"},  # up; down
+        "gptjax.core.model": {"gptjax.training.loop", "gptjax.data.batching"},  # up; down
         "gptjax.training.loop": {"gptjax.inference.generate"},  # up
         "gptjax.data.pipeline": {"gptjax.core.steps"},  # up
         "gptjax.tools.plan": {"gptjax.experiments.spec", "gptjax.core.steps"},  # peers; down

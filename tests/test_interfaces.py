@@ -18,7 +18,7 @@ from test_model import random_params, small_cfg
 from gptjax import config
 from gptjax.core import model, optim, sharding, steps
 from gptjax.data import DataError, sources
-from gptjax.data.batch import from_windows, segments_and_positions
+from gptjax.data.batching import from_windows, segments_and_positions
 from gptjax.training import runs
 
 EOD = 0

@@ -367,7 +367,7 @@ TRICKY = [
 def test_gptjax_run_exports_with_its_sentencepiece_tokenizer(tmp_path, cache_dir):
     """A run trained here (SentencePiece tokenizer) -> export -> transformers: the same ids for
     every validation document, the same text back, the same logits and greedy tokens."""
-    from gptjax.data import documents, pipeline
+    from gptjax.data import array_records, pipeline
 
     run = tmp_path / "run"
     cfg = tiny_config(run, cache_dir, "train.eval_every=0", "checkpoint.every=0")
@@ -377,7 +377,7 @@ def test_gptjax_run_exports_with_its_sentencepiece_tokenizer(tmp_path, cache_dir
     model, theirs = load_exported(out)
     ours = tok.load(run)
 
-    docs = documents.open_documents(cfg.data, pipeline.cache_root(cfg.data))
+    docs = array_records.open_documents(cfg.data, pipeline.cache_root(cfg.data))
     texts = [*docs.val.texts(np.arange(len(docs.val))), *TRICKY]
     assert sum(len(t) for t in texts) > 500_000
     for text in texts:

@@ -8,8 +8,8 @@ import pytest
 from conftest import tiny_config
 
 from gptjax import config
-from gptjax.core import loss, steps
-from gptjax.data.batch import from_windows
+from gptjax.core import steps, vocab_loss
+from gptjax.data.batching import from_windows
 
 
 def _inputs(B=2, T=16, D=8, V=40, seed=0):
@@ -26,7 +26,9 @@ def test_plain_matches_numpy_oracle():
     top = logits.max(-1, keepdims=True)
     lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
     expected = lse - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
-    np.testing.assert_allclose(loss.token_losses(h, w, targets), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        vocab_loss.token_losses(h, w, targets), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 8])
@@ -35,15 +37,17 @@ def test_chunked_equals_plain_value_and_gradient(chunk):
     weights = jax.random.uniform(jax.random.key(7), targets.shape)  # a non-uniform cotangent
 
     def objective(h, w, chunk):
-        return (loss.token_losses(h, w, targets, chunk) * weights).sum()
+        return (vocab_loss.token_losses(h, w, targets, chunk) * weights).sum()
 
     plain = jax.value_and_grad(objective, argnums=(0, 1))(h, w, 0)
     chunked = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)), static_argnums=2)(h, w, chunk)
     np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-6)
     for got, want in zip(chunked[1], plain[1], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    per_token = loss.token_losses(h, w, targets, chunk)
-    np.testing.assert_allclose(per_token, loss.token_losses(h, w, targets), rtol=1e-6, atol=1e-6)
+    per_token = vocab_loss.token_losses(h, w, targets, chunk)
+    np.testing.assert_allclose(
+        per_token, vocab_loss.token_losses(h, w, targets), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_chunked_never_holds_full_logits():
@@ -52,7 +56,7 @@ def test_chunked_never_holds_full_logits():
     h, w, targets = _inputs(B, T, D, V)
 
     def grads(chunk):
-        return jax.grad(lambda h, w: loss.token_losses(h, w, targets, chunk).mean(), (0, 1))
+        return jax.grad(lambda h, w: vocab_loss.token_losses(h, w, targets, chunk).mean(), (0, 1))
 
     def biggest(chunk):
         jaxpr = jax.make_jaxpr(grads(chunk))(h, w)

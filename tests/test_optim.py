@@ -10,7 +10,7 @@ from conftest import ROOT, tiny_config
 
 from gptjax import config
 from gptjax.core import model, optim, steps
-from gptjax.data.batch import from_windows
+from gptjax.data.batching import from_windows
 
 
 def test_warmup_then_cosine_to_min_lr():

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 
 from gptjax.core import model, steps
-from gptjax.data.batch import from_windows
+from gptjax.data.batching import from_windows
 
 
 def _loss_and_grads(tmp_path, cache_dir, *overrides):

@@ -15,7 +15,7 @@ import pytest
 
 from gptjax.config import ConfigError
 from gptjax.core import model, sharding, steps
-from gptjax.data.batch import from_windows
+from gptjax.data.batching import from_windows
 from gptjax.tools import plan
 from tests.conftest import tiny_config
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from gptjax.config import REMATS, ModelConfig
 from gptjax.core import attention as attn
+from gptjax.core import vocab_loss
 from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know it)
     CACHE_AXES,
     Context,
@@ -34,7 +35,6 @@ from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know i
     init_cache,
     shift_cache,
 )
-from gptjax.core.loss import logits as logits_of
 from gptjax.core.sharding import constrain
 
 # model.remat (config.REMATS) other than "none": "full" saves nothing, the others are the
@@ -329,7 +329,7 @@ class GPT(nnx.Module):
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """Logits [B, T, V] in f32; padded vocabulary ids (model.vocab_valid) are -inf."""
-        return logits_of(h_BTD, self.head(), self.cfg.vocab)
+        return vocab_loss.logits(h_BTD, self.head(), self.cfg.vocab)
 
     def __call__(self, tokens_BT, key=None, *, positions_BT=None, segment_ids_BT=None):
         """Logits [B, T, V] in f32 (see `hidden`)."""

@@ -8,7 +8,7 @@ import this module; only `gptjax/training/loop.py` (the loop) adds data, checkpo
 around it.
 
 TrainState is a plain pytree {"params", "opt_state", "step"}. A batch is a dict of [B, T] int32
-arrays (gptjax/data/batch.py). The loss is a masked sum over the scored tokens divided by their
+arrays (gptjax/data/batching.py). The loss is a masked sum over the scored tokens divided by their
 count over the whole global batch, so it is the exact mean however the scored tokens fall
 across micro-batches and devices.
 """
@@ -27,9 +27,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptjax.config import Config, ModelConfig
-from gptjax.core import loss as vocab_loss
-from gptjax.core import model, optim, platform, sharding
-from gptjax.data import batch as batch_module
+from gptjax.core import model, optim, platform, sharding, vocab_loss
+from gptjax.data import batching
 from gptjax.data import loader as data_loader
 
 
@@ -54,14 +53,14 @@ class ModelSetup:
 
     @property
     def batch_shardings(self) -> dict[str, NamedSharding]:
-        return {key: self.batch_sharding for key in batch_module.KEYS}
+        return {key: self.batch_sharding for key in batching.KEYS}
 
     def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         """The step's input as shapes: [batch_size, seq_len] int32 per key, sharded."""
         shape = (batch_size or self.cfg.train.batch_size, self.cfg.model.seq_len)
         return {
             key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-            for key in batch_module.KEYS
+            for key in batching.KEYS
         }
 
 
@@ -209,7 +208,7 @@ def token_losses(graphdef, params, batch: dict, key=None, segments: bool = False
     positions = batch["positions"] if segments else None
     segments = batch["segment_ids"] if segments else None
     h_BTD = gpt.hidden(batch["inputs"], key, positions_BT=positions, segment_ids_BT=segments)
-    # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/core/loss.py)
+    # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/core/vocab_loss.py)
     return vocab_loss.token_losses(h_BTD, gpt.head(), batch["targets"], cfg.loss_chunk, cfg.vocab)
 
 

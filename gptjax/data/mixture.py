@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import numpy as np
 
-import gptjax.data.batch as batch_module
+import gptjax.data.batching as batching
 import gptjax.data.pipeline as pipeline
 from gptjax.config import DataConfig
 from gptjax.data.corpus import DataError
@@ -232,7 +232,7 @@ class Mixture:
                 if masks is None:
                     masks = np.empty_like(rows, np.uint8)
                 masks[mine] = part.data.train_mask.read(windows[mine])
-        return batch_module.from_windows(rows, self.tokenizer.eod_id, self.packing, masks)
+        return batching.from_windows(rows, self.tokenizer.eod_id, self.packing, masks)
 
     def table(self, seed: int, steps: int, batch_size: int) -> list[dict]:
         """GPT-3's table 2.2 for this mixture: each source's documents, tokens, weight per phase
@@ -319,11 +319,11 @@ def prepare(
     """Every source of the mixture prepared on its own with one tokenizer (given, else trained
     on a sample of the first phase's sources in proportion to their weights); returns their
     directories. Every source's documents are opened (paths checked) before any is written."""
-    import gptjax.data.documents as docs_module
+    import gptjax.data.array_records as array_records
 
     found, configs = _source_configs(cfg)
     root = pipeline.cache_root(cfg)
-    documents = [docs_module.open_documents(c, root, progress) for c in configs]
+    documents = [array_records.open_documents(c, root, progress) for c in configs]
     weights = {item.name or default_name(item.source): item.weight for item in cfg.mixture}
     chat = [pipeline._is_chat(c.source) for c in configs]
     weighted = [

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-import gptjax.data.batch as batch_module
+import gptjax.data.array_records as array_records
+import gptjax.data.batching as batching
 import gptjax.data.chat as chat
-import gptjax.data.documents as docs_module
 import gptjax.data.encode as encode
 import gptjax.data.sharing as sharing
 import gptjax.data.tokenizer as tok
@@ -62,7 +62,7 @@ def _digest(parts: dict) -> str:
 
 
 def _sample_texts(
-    split: docs_module.Split, conversations: bool = False, block: int = 256
+    split: array_records.Split, conversations: bool = False, block: int = 256
 ) -> Iterator[str]:
     """Train documents in blocks of `block` records taken in a seeded random order (the words of
     conversations, not their JSON)."""
@@ -90,7 +90,7 @@ def _capped(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
 
 def _trained_tokenizer(
     cfg: DataConfig,
-    weighted: list[tuple[docs_module.Documents, float, bool]],
+    weighted: list[tuple[array_records.Documents, float, bool]],
     root: Path,
     progress: bool = False,
 ) -> bytes:
@@ -171,7 +171,7 @@ def prepare(
 
     check(cfg)
     root = cache_root(cfg)
-    documents = docs_module.open_documents(cfg, root, progress)
+    documents = array_records.open_documents(cfg, root, progress)
     given = tokenizer_path or cfg.tokenizer
     weighted = [(documents, 1.0, _is_chat(cfg.source))]
     tokenizer = tokenizer_for(cfg, given, max_vocab, weighted, root, progress)
@@ -238,7 +238,7 @@ def pack(cfg: DataConfig, seq_len: int, documents, tokenizer, root: Path, progre
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
 
     try:
-        directory = docs_module.atomic_dir(target, build)
+        directory = array_records.atomic_dir(target, build)
     except DataError:
         shutil.rmtree(chunks, ignore_errors=True)  # the input is wrong: nothing to resume
         raise
@@ -304,14 +304,14 @@ class Dataset:
         mask = None
         if self.train_mask is not None:
             mask = self.train_mask.read(self.train_indices(seed, step, batch_size, start, stop))
-        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing, mask)
+        return batching.from_windows(windows, self.tokenizer.eod_id, self.packing, mask)
 
     def val_batch(self, eval_step: int, batch_size: int, start: int, stop: int) -> dict:
         windows = self.val_rows(eval_step, batch_size, start, stop)
         mask = None
         if self.val_mask is not None:
             mask = self.val_mask.read(self.val_indices(eval_step, batch_size, start, stop))
-        return batch_module.from_windows(windows, self.tokenizer.eod_id, self.packing, mask)
+        return batching.from_windows(windows, self.tokenizer.eod_id, self.packing, mask)
 
 
 def load_dataset(

@@ -21,7 +21,7 @@ import numpy as np
 
 from gptjax.config import Config
 from gptjax.core import flops, steps
-from gptjax.data import batch, loader
+from gptjax.data import batching, loader
 from gptjax.data.pipeline import cache_root
 from gptjax.training import runs
 
@@ -34,7 +34,7 @@ def synthetic_rows(cfg: Config, step: int, start: int, stop: int) -> dict[str, n
     rng = np.random.default_rng((cfg.seed, step))
     shape = (cfg.train.batch_size, cfg.model.seq_len + 1)
     windows = rng.integers(0, cfg.model.vocab, shape, dtype=np.int32)[start:stop]
-    return batch.from_windows(windows, eod_id=0, packing=cfg.data.packing)
+    return batching.from_windows(windows, eod_id=0, packing=cfg.data.packing)
 
 
 def make_batches(setup: steps.Setup, n: int, data: str) -> list[dict[str, jax.Array]]:

@@ -10,7 +10,7 @@
     optionally `describe_split(argument, train, validation) -> str | None`, a line said once
     the documents are written (how a source that is not a set of documents was split);
 - prepared sources (already stored as a dataset elsewhere):
-    `open(argument, cfg: DataConfig) -> gptjax.data.documents.Documents`.
+    `open(argument, cfg: DataConfig) -> gptjax.data.array_records.Documents`.
 
 A conversation source (`conversations=True`) yields documents whose text is a conversation as
 JSON (gptjax/data/chat.py): they are rendered with the chat template and packed with a loss mask.
