@@ -79,64 +79,21 @@ def _train(cfg: Config, progress: bool, task_eval: TaskEval | None) -> dict[str,
 def _run(
     cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init, task_eval
 ) -> dict[str, Any]:
-    changed = runs.check_resume(run_dir, cfg)
     lead = jax.process_index() == 0
-    if changed and lead:
-        print(f"gptjax: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
-    source_tokenizer = tok.find(init[0]) if init else None
-    data = runs.load_data(cfg, run_dir, progress and lead, source_tokenizer)
-    if lead and (table := runs.mixture_table(cfg, data)):
-        print(table, file=sys.stderr)
-    if lead:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        if tok.find(run_dir) is None:
-            data.tokenizer.save(run_dir / data.tokenizer.filename)
-
+    data = _open_run(cfg, run_dir, progress and lead, init, lead)
     ckpt = checkpoint.Checkpointer(
         run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, cfg.checkpoint.keep_period
     )
-    restored = ckpt.restore_newest_valid(setup.abstract_state)
-    if restored is None and init:  # fine-tuning: the source's parameters, a fresh optimiser
-        state, start = steps.fresh_state(setup, runs.restore_params(*init, setup)), 0
-        if lead:
-            print(f"gptjax: starting from the parameters of {cfg.train.init_from}", file=sys.stderr)
-    elif restored is None:
-        state, start = steps.init_state(setup), 0
-    else:
-        start, state = restored
-        if lead:
-            print(f"gptjax: resumed {run_dir} at step {start}", file=sys.stderr)
+    state, start = _starting_state(cfg, setup, run_dir, ckpt, init, lead)
     monitor = StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
     train_step = monitor.wrap(steps.make_train_step(setup))
     eval_step = monitor.wrap(steps.make_eval_step(setup, data.token_bytes), "eval")
-
-    B = cfg.train.batch_size
-    log = metrics.StepLogger(
-        metrics.MetricsWriter(run_dir, enabled=lead),
-        tokens_per_step=B * cfg.model.seq_len,
-        flops_per_token=flops.flops_per_token(cfg.model),
-        peak_flops=flops.peak_flops(list(setup.mesh.devices.flat), cache_root(cfg.data))[0],
-        log_every=cfg.train.log_every,
-        total_steps=cfg.train.steps,
-        start_step=start,
-        progress=progress and lead,
-        completed=monitor.done_at,  # debug mode runs steps synchronously: their real end times
-    )
-    bad_steps = NonFiniteSteps(cfg.train.max_bad_steps)
-
-    def batch_for(step):  # each process reads only its own rows of the global batch, once
-        rows = lambda a, b: data.train_batch(cfg.seed, step, B, a, b)
-        return data_loader.assemble(setup.batch_sharding, (B, cfg.model.seq_len), rows)
-
+    log = _step_logger(cfg, setup, run_dir, start, progress and lead, lead, monitor)
+    late = _LateReport(log, NonFiniteSteps(cfg.train.max_bad_steps))
     # Steps step+1 .. step+prefetch are read and transferred while step `step` runs.
-    batches = data_loader.Prefetcher(batch_for, cfg.data.prefetch, stop=cfg.train.steps)
-
-    def report(step, stats):
-        """Log a step's numbers (read one step late, so the device never waits on the host)."""
-        record = {k: float(v) for k, v in stats.items()}
-        for line in bad_steps.update(step, bool(record.pop("skipped"))):
-            log.say(line)
-        log.train(step, {**record, "bad_steps": bad_steps.total})
+    batches = data_loader.Prefetcher(
+        _batch_reader(cfg, setup, data), cfg.data.prefetch, stop=cfg.train.steps
+    )
 
     def evaluate(step, params):
         result = steps.evaluate(setup, eval_step, params, data, cfg.train.eval_steps)
@@ -149,7 +106,6 @@ def _run(
 
     profiler = Profiler(cfg.train.profile_steps, run_dir / "profile")
     guard = PreemptionGuard(sync_every=cfg.train.log_every)
-    pending = None  # (step, stats) of the step dispatched before the current one
     try:
         guard.install()
         # train.stop_at: end early (with a checkpoint) on the schedule of all train.steps
@@ -162,18 +118,15 @@ def _run(
             if step == start:  # the first call compiled synchronously: keep that out of tokens/s
                 log.restart_window()
             profiler.after(done, state)
-            if pending is not None:  # read step n-1's numbers while step n runs
-                report(*pending)
-            pending = (done, stats)
+            late.hold(done, stats)  # reports step n-1's numbers while step n runs
             log.dispatched()
             is_last = done == cfg.train.steps
-            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last:
-                report(*pending)
-                pending = None
+            if _every(cfg.train.eval_every, done) or is_last:
+                late.flush()
                 with monitor.phase("eval"):
                     evaluate(done, state["params"])
             stop = guard.should_stop(done) or done == cfg.train.stop_at
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or is_last or stop:
+            if _every(cfg.checkpoint.every, done) or is_last or stop:
                 with monitor.phase("checkpoint"):
                     ckpt.save(done, state, cfg.to_dict())
             if stop:
@@ -191,8 +144,7 @@ def _run(
                     )
                     log.last["preempted"] = True
                 break
-        if pending is not None:
-            report(*pending)
+        late.flush()
         profiler.close(state)
     finally:
         batches.close()
@@ -203,3 +155,89 @@ def _run(
     last = log.last
     last["final_step"] = int(jax.device_get(state["step"]))
     return last
+
+
+def _every(period: int, done: int) -> bool:
+    """Whether step `done` is one of every `period` (0: never)."""
+    return bool(period) and done % period == 0
+
+
+def _open_run(cfg: Config, run_dir: Path, progress: bool, init, lead: bool):
+    """The run's data; the config and tokenizer saved in run_dir (by the lead process)."""
+    changed = runs.check_resume(run_dir, cfg)
+    if changed and lead:
+        print(f"gptjax: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
+    source_tokenizer = tok.find(init[0]) if init else None
+    data = runs.load_data(cfg, run_dir, progress, source_tokenizer)
+    if lead and (table := runs.mixture_table(cfg, data)):
+        print(table, file=sys.stderr)
+    if lead:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if tok.find(run_dir) is None:
+            data.tokenizer.save(run_dir / data.tokenizer.filename)
+    return data
+
+
+def _starting_state(cfg: Config, setup: steps.Setup, run_dir: Path, ckpt, init, lead: bool):
+    """(state, step): the newest valid checkpoint; else the source's parameters with a fresh
+    optimiser (train.init_from); else a fresh initialisation."""
+    restored = ckpt.restore_newest_valid(setup.abstract_state)
+    if restored is not None:
+        start, state = restored
+        if lead:
+            print(f"gptjax: resumed {run_dir} at step {start}", file=sys.stderr)
+        return state, start
+    if init:  # fine-tuning: the source's parameters, a fresh optimiser
+        state = steps.fresh_state(setup, runs.restore_params(*init, setup))
+        if lead:
+            print(f"gptjax: starting from the parameters of {cfg.train.init_from}", file=sys.stderr)
+        return state, 0
+    return steps.init_state(setup), 0
+
+
+def _step_logger(cfg, setup, run_dir, start: int, progress: bool, lead: bool, monitor):
+    return metrics.StepLogger(
+        metrics.MetricsWriter(run_dir, enabled=lead),
+        tokens_per_step=cfg.train.batch_size * cfg.model.seq_len,
+        flops_per_token=flops.flops_per_token(cfg.model),
+        peak_flops=flops.peak_flops(list(setup.mesh.devices.flat), cache_root(cfg.data))[0],
+        log_every=cfg.train.log_every,
+        total_steps=cfg.train.steps,
+        start_step=start,
+        progress=progress,
+        completed=monitor.done_at,  # debug mode runs steps synchronously: their real end times
+    )
+
+
+def _batch_reader(cfg: Config, setup: steps.Setup, data):
+    """step -> the global batch of that step; each process reads only its own rows, once."""
+    B = cfg.train.batch_size
+
+    def batch_for(step):
+        rows = lambda a, b: data.train_batch(cfg.seed, step, B, a, b)
+        return data_loader.assemble(setup.batch_sharding, (B, cfg.model.seq_len), rows)
+
+    return batch_for
+
+
+class _LateReport:
+    """A step's numbers are read one step late, so the device never waits on the host."""
+
+    def __init__(self, log: metrics.StepLogger, bad_steps: NonFiniteSteps):
+        self.log, self.bad_steps = log, bad_steps
+        self.pending = None  # (step, stats) of the step dispatched before the current one
+
+    def hold(self, step: int, stats) -> None:
+        """Report the step held so far, then hold this one."""
+        self.flush()
+        self.pending = (step, stats)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, stats = self.pending
+        self.pending = None
+        record = {k: float(v) for k, v in stats.items()}
+        for line in self.bad_steps.update(step, bool(record.pop("skipped"))):
+            self.log.say(line)
+        self.log.train(step, {**record, "bad_steps": self.bad_steps.total})
