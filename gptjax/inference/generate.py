@@ -302,48 +302,17 @@ class Generator:
         Yields (tokens [R, k], emitted [R, k] bool, reasons [R] int) per device call for the R
         prompts until every row has finished: row r's new tokens are tokens[r][emitted[r]],
         its reason is 0 while it runs, then a `Finish` code (`Finish.of_code`). Setting halt[r]
-        (a bool [R] array the caller owns) finishes row r from the next call on. `eod_id` (one id or
-        several, e.g. a chat's end-of-turn marker too) ends a row, None never stops at a token;
+        (a bool [R] array the caller owns) finishes row r from the next call on. `eod_id` (one id
+        or several, e.g. a chat's end-of-turn marker too) ends a row, None never stops at a token;
         `vocab` (default the model's) bounds the ids that can be drawn.
         """
         n = len(prompts)
-        if n == 0:
-            raise ConfigError("no prompts to continue")
-        if isinstance(max_new_tokens, int):
-            max_new_tokens = [max_new_tokens] * n
-        if min(max_new_tokens) < 0:
-            raise ConfigError(f"max_new_tokens {min(max_new_tokens)}: use 0 or more")
-        for i, ids in enumerate(prompts):
-            if not len(ids):
-                raise ConfigError(f"prompt {i} is empty (give at least one token)")
-            check_context(len(ids), self.cfg.seq_len, f"prompt {i}" if n > 1 else "the prompt")
-        vocab = min(vocab or self.cfg.vocab, self.cfg.vocab)
+        max_new_tokens = self._check(prompts, max_new_tokens)
         rows = self.plan_rows(n)
-        P = bucket(max(len(ids) for ids in prompts), self.cfg.seq_len)
-        tokens = np.zeros((rows, P), np.int32)
-        lengths = np.ones(rows, np.int32)
-        max_new = np.zeros(rows, np.int32)  # padding rows: finished before they start
-        for i, ids in enumerate(prompts):
-            tokens[i, P - len(ids) :] = ids
-            lengths[i] = len(ids)
-            max_new[i] = max_new_tokens[i]
+        tokens, lengths, max_new = _left_padded(prompts, max_new_tokens, rows, self.cfg.seq_len)
+        settings = self._device_settings(sampling, max_new, seed, eod_id)
+        vocab = min(vocab or self.cfg.vocab, self.cfg.vocab)
         put = jax.device_put
-        settings = {
-            "temperature": np.full(rows, sampling.temperature, np.float32),
-            "top_k": np.full(rows, sampling.top_k, np.int32),
-            "top_p": np.full(rows, sampling.top_p, np.float32),
-            "max_new": max_new,
-            "row": np.arange(rows, dtype=np.int32),
-        }
-        settings = {k: put(v, self._rows) for k, v in settings.items()}
-        settings["seed"] = put(np.int32(seed), self._scalar)
-        stop_ids = [] if eod_id is None else [eod_id] if isinstance(eod_id, int) else eod_id
-        if len(stop_ids) > MAX_STOP_IDS:
-            raise ConfigError(f"{len(stop_ids)} stop ids: at most {MAX_STOP_IDS}")
-        # a fixed width (-1 pads: never a token), so any number of stop ids is one program
-        eod = np.full(MAX_STOP_IDS, -1, np.int32)
-        eod[: len(stop_ids)] = stop_ids
-        settings["eod"] = put(eod, self._scalar)
         graphdef = self.setup.graphdef
         halt = np.zeros(n, bool) if halt is None else halt
 
@@ -374,6 +343,58 @@ class Generator:
             yield np.asarray(out_tokens)[:n], np.asarray(out_emitted)[:n], reasons
             if (reasons > 0).all() or halt.all():
                 return
+
+    def _check(self, prompts, max_new_tokens: int | Sequence[int]) -> list[int]:
+        """Each prompt's max_new_tokens; ConfigError for no prompts, a negative count, an empty
+        prompt or one that does not fit the context."""
+        n = len(prompts)
+        if n == 0:
+            raise ConfigError("no prompts to continue")
+        if isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * n
+        if min(max_new_tokens) < 0:
+            raise ConfigError(f"max_new_tokens {min(max_new_tokens)}: use 0 or more")
+        for i, ids in enumerate(prompts):
+            if not len(ids):
+                raise ConfigError(f"prompt {i} is empty (give at least one token)")
+            check_context(len(ids), self.cfg.seq_len, f"prompt {i}" if n > 1 else "the prompt")
+        return list(max_new_tokens)
+
+    def _device_settings(self, sampling: Sampling, max_new: np.ndarray, seed: int, eod_id):
+        """The decode loop's traced settings, on the mesh: per row (sampling, max_new, the row's
+        index) and shared (the seed, the stop ids padded to MAX_STOP_IDS)."""
+        rows = len(max_new)
+        per_row = {
+            "temperature": np.full(rows, sampling.temperature, np.float32),
+            "top_k": np.full(rows, sampling.top_k, np.int32),
+            "top_p": np.full(rows, sampling.top_p, np.float32),
+            "max_new": max_new,
+            "row": np.arange(rows, dtype=np.int32),
+        }
+        settings = {k: jax.device_put(v, self._rows) for k, v in per_row.items()}
+        settings["seed"] = jax.device_put(np.int32(seed), self._scalar)
+        stop_ids = [] if eod_id is None else [eod_id] if isinstance(eod_id, int) else eod_id
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ConfigError(f"{len(stop_ids)} stop ids: at most {MAX_STOP_IDS}")
+        # a fixed width (-1 pads: never a token), so any number of stop ids is one program
+        eod = np.full(MAX_STOP_IDS, -1, np.int32)
+        eod[: len(stop_ids)] = stop_ids
+        settings["eod"] = jax.device_put(eod, self._scalar)
+        return settings
+
+
+def _left_padded(prompts, max_new_tokens: list[int], rows: int, seq_len: int):
+    """(tokens [rows, P], lengths [rows], max_new [rows]): the prompts left-padded to their
+    length bucket P; padding rows have max_new 0 (finished before they start)."""
+    P = bucket(max(len(ids) for ids in prompts), seq_len)
+    tokens = np.zeros((rows, P), np.int32)
+    lengths = np.ones(rows, np.int32)
+    max_new = np.zeros(rows, np.int32)
+    for i, ids in enumerate(prompts):
+        tokens[i, P - len(ids) :] = ids
+        lengths[i] = len(ids)
+        max_new[i] = max_new_tokens[i]
+    return tokens, lengths, max_new
 
 
 # --- text -------------------------------------------------------------------------------------
