@@ -13,7 +13,7 @@ import pytest
 from gptjax import config
 from gptjax.config import ConfigError
 from gptjax.core import steps
-from gptjax.data.batch import from_windows
+from gptjax.data.batching import from_windows
 from gptjax.tools import plan
 from tests.test_sharding import EPS, LR, STEPS, batches
 

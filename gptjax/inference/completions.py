@@ -23,8 +23,7 @@ from typing import Any
 
 from gptjax.evaluation.loglik import Scorer
 from gptjax.inference import generate
-
-FINISH = {"eod": "stop", "stop": "stop", "length": "length", "context": "length"}
+from gptjax.inference.settings import Finish
 
 
 class Completions:
@@ -60,9 +59,10 @@ class Completions:
         for piece in pieces:
             ids, text, finish = out[piece.row]
             ids = ids + list(piece.ids)
-            if piece.finish == "eod":  # the end-of-document token is a token of the reply
+            if piece.finish is Finish.EOD:  # the end-of-document token is a token of the reply
                 ids.append(self.bot.tokenizer.eod_id)
-            out[piece.row] = (ids, text + piece.text, FINISH.get(piece.finish, finish))
+            finish = piece.finish.reply if piece.finish else finish
+            out[piece.row] = (ids, text + piece.text, finish)
         return out
 
     def answer(

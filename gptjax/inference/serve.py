@@ -333,13 +333,10 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
         if body.max_tokens:
             chosen = settings(body, min(room(len(ids), body.max_tokens) for ids in prompts))
         else:  # nothing new: the prompt alone may fill the context
-            longest = max(len(ids) for ids in prompts)
-            if longest > bot.context:
-                raise RequestError(
-                    f"the prompt has {longest} tokens but this model's context holds {bot.context}",
-                    "prompt",
-                    "context_length_exceeded",
-                )
+            try:
+                check_context(max(len(ids) for ids in prompts), bot.context, new=0)
+            except ContextError as error:
+                raise RequestError(str(error), "prompt", "context_length_exceeded") from None
             chosen = None
 
         def job():

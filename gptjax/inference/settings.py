@@ -23,13 +23,14 @@ class ContextError(ConfigError):
     """A prompt that does not fit the model's context (the message says by how much)."""
 
 
-def check_context(tokens: int, context: int, where: str = "the prompt") -> None:
-    """ContextError unless a prompt of `tokens` tokens leaves room for one new token in a
+def check_context(tokens: int, context: int, where: str = "the prompt", new: int = 1) -> None:
+    """ContextError unless a prompt of `tokens` tokens leaves room for `new` new tokens in a
     context of `context` (model.seq_len)."""
-    if tokens >= context:
+    if tokens + new > context:
+        included = ", new tokens included" if new else ""
         raise ContextError(
-            f"{where} has {tokens} tokens but the context holds {context} (model.seq_len), "
-            "new tokens included"
+            f"{where} has {tokens} tokens but the context holds {context} (model.seq_len)"
+            + included
         )
 
 
