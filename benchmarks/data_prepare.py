@@ -32,14 +32,14 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from gptjax.config import DataConfig
-from gptjax.data import documents, pipeline
+from gptjax.data import array_records, pipeline
 
 corpus, cache, tokenizer, workers = sys.argv[1:5]
 cfg = DataConfig(source=f"text_dir:{corpus}", cache_dir=cache, tokenizer=tokenizer,
                  workers=int(workers))
 root = pipeline.cache_root(cfg)
 start = time.perf_counter()
-docs = documents.open_documents(cfg, root)
+docs = array_records.open_documents(cfg, root)
 len(docs.train)
 t_docs = time.perf_counter() - start
 start = time.perf_counter()

@@ -3,7 +3,7 @@
 `prepare` turns a source into packed windows once, in three cached stages (each written under a
 temporary name and renamed when complete, so nothing half-written is ever reused):
 
-    cache/documents/KEY/   local sources as a TFDS ArrayRecord dataset     (documents.py)
+    cache/documents/KEY/   local sources as a TFDS ArrayRecord dataset     (array_records.py)
     cache/tokenizers/KEY.model   SentencePiece BPE trained on a capped sample of train documents
     cache/packed/KEY/      the tokenizer file (tokenizer.model or .json), train.array_record,
                            val.array_record, meta.json (+ train.mask.array_record and
@@ -299,7 +299,7 @@ class Dataset:
         return self.val.read(self.val_indices(eval_step, batch_size, start, stop))
 
     def train_batch(self, seed: int, step: int, batch_size: int, start: int, stop: int) -> dict:
-        """Rows [start, stop) of the global batch of `step` as a batch dict (data/batch.py)."""
+        """Rows [start, stop) of the global batch of `step` as a batch dict (data/batching.py)."""
         windows = self.train_rows(seed, step, batch_size, start, stop)
         mask = None
         if self.train_mask is not None:
