@@ -487,10 +487,10 @@ def test_documents_reach_the_writer_a_batch_at_a_time(monkeypatch):
     WRITE_BYTES) per call while the source is still being read, holding back only the train
     document split_documents keeps: memory holds one batch whatever the corpus size
     (download_and_prepare held every document until the end)."""
-    from gptjax.data import documents
+    from gptjax.data import array_records
 
-    monkeypatch.setattr(documents, "WRITE_DOCUMENTS", 4)
-    monkeypatch.setattr(documents, "WRITE_BYTES", 25)
+    monkeypatch.setattr(array_records, "WRITE_DOCUMENTS", 4)
+    monkeypatch.setattr(array_records, "WRITE_BYTES", 25)
     docs = [(f"doc{i:02d}", "x" * (1 + i % 9)) for i in range(60)]
     train = {name for name, _ in corpus.split_documents(iter(docs), 0.2, False)}
     pulled = 0
@@ -516,7 +516,7 @@ def test_documents_reach_the_writer_a_batch_at_a_time(monkeypatch):
                 assert pulled <= (later[0] + 1 if later else len(docs))
 
     sizes = []
-    documents.write_splits(Writer(), source, 0.2, sizes.append)
+    array_records.write_splits(Writer(), source, 0.2, sizes.append)
     assert written["train"] == list(corpus.split_documents(iter(docs), 0.2, False))
     assert written["validation"] == list(corpus.split_documents(iter(docs), 0.2, True))
     assert sizes == [len(text) for _, text in written["train"]]
