@@ -9,7 +9,8 @@ The corpus is the embedded one (the running Python's standard library, ~12 MB) w
 tokenizer is trained once (on gptjax's default 20 MB sample) and given to every run, so each
 measured run does what `gptjax data prepare` does with `data.tokenizer` set: write the documents,
 then tokenise and pack into a fresh cache. Each run is its own process; its peak resident memory
-is its own (`ru_maxrss`) and its worker processes' largest. The reference encoders get the same
+is its own (VmHWM: `ru_maxrss` would carry over the parent's resident set at the fork) and its
+worker processes' largest (their VmHWM, sampled). The reference encoders get the same
 documents: a byte-level BPE of the same vocabulary trained by `tokenizers` on the same sample,
 its `encode_batch` (Rust threads on every core), and `tiktoken` built from that BPE's ranks
 (`encode_ordinary_batch`, threads). They only encode: no documents, no packing, no files.
@@ -29,10 +30,34 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, sys, threading, time
 from pathlib import Path
 from gptjax.config import DataConfig
 from gptjax.data import array_records, pipeline
+
+def hwm(pid="self"):
+    # VmHWM (MiB): this process's own peak. Not ru_maxrss, which Linux carries over an exec
+    # from the forked image, i.e. the parent's resident set at the fork.
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+workers_peak = {}
+def watch_workers():
+    while True:
+        for task in os.listdir("/proc/self/task"):
+            try:
+                children = open(f"/proc/self/task/{task}/children").read().split()
+            except OSError:
+                continue
+            for child in children:
+                workers_peak[child] = max(workers_peak.get(child, 0.0), hwm(child))
+        time.sleep(0.2)
+threading.Thread(target=watch_workers, daemon=True).start()
 
 corpus, cache, tokenizer, workers = sys.argv[1:5]
 cfg = DataConfig(source=f"text_dir:{corpus}", cache_dir=cache, tokenizer=tokenizer,
@@ -50,8 +75,8 @@ print(json.dumps({
     "documents_s": t_docs, "pack_s": t_pack,
     "bytes": meta["train"]["bytes"] + meta["validation"]["bytes"],
     "tokens": meta["train"]["tokens"] + meta["validation"]["tokens"],
-    "rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "worker_rss_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    "rss_MiB": hwm(),
+    "worker_rss_MiB": max(workers_peak.values(), default=0.0),
 }))
 """
 
