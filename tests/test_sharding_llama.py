@@ -19,10 +19,12 @@ from tests.test_sharding import EPS, LR, STEPS, batches
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLICATE = "mesh.rules={kv_heads: null}"
-# Each mesh costs a train-step compile (~8 s of CPU), so three: FSDP alone, all three axes, and
+# Each mesh costs a train-step compile (~8 s of CPU), so four (five shapes with one device):
+# FSDP alone, data x tensor with the 2 key/value heads split over tensor 2, all three axes, and
 # tensor > n_kv_head with the key/value heads replicated.
 MESHES = {
     "fsdp8": (1, 8, 1),
+    "data4_tensor2": (4, 1, 2),
     "2x2x2": (2, 2, 2),
     "fsdp2_tensor4_replicated_kv": (1, 2, 4, REPLICATE),
 }
