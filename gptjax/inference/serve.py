@@ -225,9 +225,77 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
     """The app; with `keys`, every path but /health needs one (gptjax/inference/access.py)."""
     app = FastAPI(title="gptjax", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, keys=tuple(keys), limits=limits)
-    most_tokens = limits.max_tokens or bot.context
     worker = Worker()
-    seeds = itertools.count()
+    _add_error_handlers(app)
+    _add_info_routes(app, bot, worker)
+    _add_generation_routes(app, bot, worker, _Requests(bot, limits))
+    _add_tokenizer_routes(app, bot)
+    return app
+
+
+class _Requests:
+    """What every generation request is checked and read with: its settings (seeds counted
+    per app), the new tokens it may have, its prompts as token ids."""
+
+    def __init__(self, bot: Chatbot, limits: Limits):
+        self.bot, self.limits = bot, limits
+        self.most_tokens = limits.max_tokens or bot.context
+        self.seeds = itertools.count()
+
+    def settings(self, body: _Request, max_tokens: int) -> Settings:
+        """The request's generation settings (its seed, or the next one); RequestError for a
+        bad one."""
+        seed = body.seed if body.seed is not None else next(self.seeds)
+        stops = body.stops(self.limits.max_stops)
+        chosen = Settings(max_tokens, body.temperature, body.top_k, body.top_p, seed, stops)
+        try:
+            chosen.check()
+        except ConfigError as error:
+            raise RequestError(str(error)) from None
+        return chosen
+
+    def room(self, prompt_tokens: int, asked: int | None) -> int:
+        """New tokens allowed: as asked, at most to the end of the context; asking for more
+        than --max-tokens (default: the context) is an error."""
+        if asked is not None and asked > self.most_tokens:
+            raise RequestError(
+                f"max_tokens: {asked} is over the {self.most_tokens} new tokens this server allows "
+                f"(the model's context holds {self.bot.context})",
+                "max_tokens",
+            )
+        try:
+            check_context(prompt_tokens, self.bot.context)
+        except ContextError as error:
+            raise RequestError(str(error), "messages", "context_length_exceeded") from None
+        left = self.bot.context - prompt_tokens
+        return min(asked or left, left)
+
+    def prompt_ids(self, prompt) -> tuple[list[list[int]], list[str]]:
+        """(token ids, text as echoed) of each prompt of a request."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        if not prompt or len(prompt) > self.limits.max_prompts:
+            raise RequestError(f"prompt: give 1 to {self.limits.max_prompts} prompts", "prompt")
+        ids, texts = [], []
+        vocab = self.bot.tokenizer.vocab_size
+        for p in prompt:
+            if isinstance(p, str):
+                ids.append(generate.encode_prompts(self.bot.tokenizer, [p])[0])
+                texts.append(p)
+                continue
+            if not p or any(not 0 <= i < vocab for i in p):
+                raise RequestError(
+                    f"prompt: a token-id prompt needs 1 or more ids in 0..{vocab - 1}", "prompt"
+                )
+            ids.append(list(p))
+            texts.append(self.bot.tokenizer.decode(p))
+        return ids, texts
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every mistake as OpenAI's JSON error (4xx), a failure as a 500."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
@@ -245,6 +313,10 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
     async def failed(request: Request, error: Exception):
         return _error(500, f"generation failed: {type(error).__name__}: {error}")
 
+
+def _add_info_routes(app: FastAPI, bot: Chatbot, worker: Worker) -> None:
+    """/health and /v1/models."""
+
     @app.get("/health")
     async def health():
         name, context = bot.name, bot.context
@@ -255,31 +327,9 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
         entry = {"id": bot.name, "object": "model", "created": 0, "owned_by": "gptjax"}
         return {"object": "list", "data": [entry]}
 
-    def settings(body: _Request, max_tokens: int) -> Settings:
-        seed = body.seed if body.seed is not None else next(seeds)
-        stops = body.stops(limits.max_stops)
-        chosen = Settings(max_tokens, body.temperature, body.top_k, body.top_p, seed, stops)
-        try:
-            chosen.check()
-        except ConfigError as error:
-            raise RequestError(str(error)) from None
-        return chosen
 
-    def room(prompt_tokens: int, asked: int | None) -> int:
-        """New tokens allowed: as asked, at most to the end of the context; asking for more
-        than --max-tokens (default: the context) is an error."""
-        if asked is not None and asked > most_tokens:
-            raise RequestError(
-                f"max_tokens: {asked} is over the {most_tokens} new tokens this server allows "
-                f"(the model's context holds {bot.context})",
-                "max_tokens",
-            )
-        try:
-            check_context(prompt_tokens, bot.context)
-        except ContextError as error:
-            raise RequestError(str(error), "messages", "context_length_exceeded") from None
-        left = bot.context - prompt_tokens
-        return min(asked or left, left)
+def _add_generation_routes(app: FastAPI, bot: Chatbot, worker: Worker, requests: _Requests):
+    """/v1/chat/completions and /v1/completions (generated, or scored by `Completions`)."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -291,7 +341,7 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
         ids = bot.prompt_ids(messages)  # encoded once per request
         prompt_tokens = len(ids)
         asked = body.max_completion_tokens or body.max_tokens
-        chosen = settings(body, room(prompt_tokens, asked))
+        chosen = requests.settings(body, requests.room(prompt_tokens, asked))
         pieces = worker.submit(lambda: bot.reply(messages, chosen, ids))
         reply = Reply("chat.completion", "chatcmpl", bot.name, prompt_tokens)
         if body.stream:
@@ -301,37 +351,16 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
 
     scoring = Completions(bot)
 
-    def prompt_ids(prompt) -> tuple[list[list[int]], list[str]]:
-        """(token ids, text as echoed) of each prompt of a request."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            prompt = [prompt]
-        if not prompt or len(prompt) > limits.max_prompts:
-            raise RequestError(f"prompt: give 1 to {limits.max_prompts} prompts", "prompt")
-        ids, texts = [], []
-        vocab = bot.tokenizer.vocab_size
-        for p in prompt:
-            if isinstance(p, str):
-                ids.append(generate.encode_prompts(bot.tokenizer, [p])[0])
-                texts.append(p)
-                continue
-            if not p or any(not 0 <= i < vocab for i in p):
-                raise RequestError(
-                    f"prompt: a token-id prompt needs 1 or more ids in 0..{vocab - 1}", "prompt"
-                )
-            ids.append(list(p))
-            texts.append(bot.tokenizer.decode(p))
-        return ids, texts
-
     async def scored_completions(body: CompletionRequest) -> dict:
         if body.stream:
             raise RequestError(
                 "stream: not with logprobs, max_tokens 0, token ids or several prompts", "stream"
             )
-        prompts, texts = prompt_ids(body.prompt)
+        prompts, texts = requests.prompt_ids(body.prompt)
         if body.max_tokens:
-            chosen = settings(body, min(room(len(ids), body.max_tokens) for ids in prompts))
+            chosen = requests.settings(
+                body, min(requests.room(len(ids), body.max_tokens) for ids in prompts)
+            )
         else:  # nothing new: the prompt alone may fill the context
             try:
                 check_context(max(len(ids) for ids in prompts), bot.context, new=0)
@@ -347,6 +376,30 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
         reply = Reply("text_completion", "cmpl", bot.name, sum(map(len, prompts)))
         reply.completion_tokens = completion_tokens
         return {**reply._head(reply.kind), "choices": choices, "usage": reply.usage()}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if body.scored():
+            return await scored_completions(body)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise RequestError("prompt: give one prompt (a string or a list of one)", "prompt")
+            prompt = prompt[0]
+        ids = bot.prompt_ids(prompt=prompt)  # encoded once per request
+        prompt_tokens = len(ids)
+        chosen = requests.settings(body, requests.room(prompt_tokens, body.max_tokens))
+        pieces = worker.submit(lambda: bot.complete(prompt, chosen, ids))
+        reply = Reply("text_completion", "cmpl", bot.name, prompt_tokens)
+        echo = prompt if body.echo else ""
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return _sse(reply.text_chunks(pieces, echo, usage))
+        return await reply.text_response(pieces, echo)
+
+
+def _add_tokenizer_routes(app: FastAPI, bot: Chatbot) -> None:
+    """vLLM's tokenizer endpoints (lm-eval's remote tokenizer)."""
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -369,28 +422,6 @@ def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LI
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         return {"prompt": bot.tokenizer.decode(body.tokens)}
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        if body.scored():
-            return await scored_completions(body)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise RequestError("prompt: give one prompt (a string or a list of one)", "prompt")
-            prompt = prompt[0]
-        ids = bot.prompt_ids(prompt=prompt)  # encoded once per request
-        prompt_tokens = len(ids)
-        chosen = settings(body, room(prompt_tokens, body.max_tokens))
-        pieces = worker.submit(lambda: bot.complete(prompt, chosen, ids))
-        reply = Reply("text_completion", "cmpl", bot.name, prompt_tokens)
-        echo = prompt if body.echo else ""
-        if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return _sse(reply.text_chunks(pieces, echo, usage))
-        return await reply.text_response(pieces, echo)
-
-    return app
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
