@@ -2,6 +2,7 @@
 initialised), the block each paper describes, the Hugging Face model_type each exports as, and
 GPT-3's banded option (configs/gpt3_*.yaml with model.attention_pattern=[dense,local:256])."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,29 @@ def test_gpt3_banded_option(name):
     T, heads = dense.seq_len, dense.n_head * dense.head_dim
     saved = 12 * heads * (dense.n_layer // 2) * (T - 256)
     assert flops.flops_per_token(dense) - flops.flops_per_token(banded) == saved
+
+
+@pytest.mark.parametrize(
+    "name,model_type",
+    [("gpt1", "openai-gpt"), ("gpt_neo", "gpt_neo"), ("mistral", "mistral"), ("qwen2", "qwen2")],
+)
+def test_tiny_family_configs_train(name, model_type, tmp_path):
+    """configs/debug_FAMILY.yaml: the family's block (the Hugging Face model_type that computes
+    it) takes train steps on one CPU device with a falling, finite loss (the step alone, on
+    test_sharding's batches: debug_llama trains in tests/test_sharding_llama.py)."""
+    import jax
+
+    from gptjax.core import steps
+    from gptjax.data.batching import from_windows
+    from gptjax.tools import plan
+    from tests.test_sharding import batches
+
+    cfg = load(f"debug_{name}", f"run_dir={tmp_path}", "optim.warmup_steps=0")
+    assert hf_families.family_of_model(cfg.model).model_type == model_type
+    setup = steps.build(cfg, jax.devices()[:1])
+    state, step = steps.init_state(setup), plan.compile_step(setup)
+    losses = []
+    for tokens in batches():
+        state, stats = step(state, jax.device_put(from_windows(tokens, 0), setup.batch_shardings))
+        losses.append(float(stats["loss"]))
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.1
