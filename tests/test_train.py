@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -98,8 +99,11 @@ def test_cli_train_sample_eval_end_to_end(tmp_path, cache_dir):
         "--max-new-tokens", "8", "--devices", "4", "--tensor", "2", env=env,
     )  # fmt: skip
     assert batch.returncode == 0, batch.stderr
-    samples = batch.stdout.split("-" * 40 + "\n")
-    assert [s[:4] for s in samples] == ["def ", "def ", "clas", "clas"]
+    parts = re.split(r"^--- (prompt \d+, sample \d+) ---\n", batch.stdout, flags=re.M)
+    assert parts[0] == "" and parts[1::2] == [
+        "prompt 1, sample 1", "prompt 1, sample 2", "prompt 2, sample 1", "prompt 2, sample 2"
+    ]  # fmt: skip
+    assert [s[:4] for s in parts[2::2]] == ["def ", "def ", "clas", "clas"]
 
     evaluated = run_cli("eval", str(run), env=env)
     assert evaluated.returncode == 0, evaluated.stderr
