@@ -127,12 +127,14 @@ def test_openai_client_gets_a_completion_and_a_streamed_chat_completion(server, 
     done = client(server).completions.create(
         model="tiny", prompt="import os\n", max_tokens=8, temperature=0
     )
-    expected = generate.complete(
-        bot.setup, bot.params, bot.tokenizer, ["import os\n"], max_new_tokens=8, temperature=0
-    )[0]
-    assert done.choices[0].text == expected
+    pieces = list(
+        generate.generate(
+            bot.setup, bot.params, bot.tokenizer, ["import os\n"], max_new_tokens=8, temperature=0
+        )
+    )
+    assert done.choices[0].text == "".join(p.text for p in pieces)
     assert done.usage.prompt_tokens == len(bot.tokenizer.encode("import os\n"))
-    assert done.choices[0].finish_reason in ("stop", "length")
+    assert done.choices[0].finish_reason == pieces[-1].finish.reply  # the generator's reason
 
     messages = [
         {"role": "system", "content": "You write Python."},
@@ -144,8 +146,9 @@ def test_openai_client_gets_a_completion_and_a_streamed_chat_completion(server, 
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert text == reply_text(bot, messages)
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    replied = list(bot.reply(messages, GREEDY))  # max_new_tokens 12, as asked
+    assert text == "".join(piece.text for piece in replied)
+    assert chunks[-1].choices[0].finish_reason == replied[-1].finish  # the chat model's reason
     assert all(c.id == chunks[0].id for c in chunks)
 
 

@@ -1,5 +1,8 @@
 """Sweep specs expand into the right runs; a bad spec is one line (gptjax/experiments/spec.py)."""
 
+import itertools
+import math
+
 import pytest
 import yaml
 from conftest import ROOT, run_cli
@@ -166,3 +169,19 @@ def test_shipped_specs_expand(path, monkeypatch):
     budgets = [r.budget for r in sweep.runs]
     if sweep.spec.isoflop is not None:  # every budget has enough sizes for a parabola
         assert all(budgets.count(b) >= 3 for b in sweep.spec.isoflop.budgets)
+        return
+    # a grid: every combination of its axes once, in order, each run's config holding its point
+    axes = sweep.spec.grid
+    assert len(sweep.runs) == math.prod(len(values) for values in axes.values())
+
+    def get(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree[part]
+        return tree
+
+    points = itertools.product(*([{a: v} if "." in a else v for v in vs] for a, vs in axes.items()))
+    for run, point in zip(sweep.runs, points, strict=True):
+        resolved = run.config.to_dict()
+        for part in point:
+            assert all(get(resolved, key) == value for key, value in part.items()), run.label
+    assert len({run.name for run in sweep.runs}) == len(sweep.runs)
