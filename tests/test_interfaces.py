@@ -19,6 +19,7 @@ from gptjax import config
 from gptjax.core import model, optim, sharding, steps
 from gptjax.data import DataError, sources
 from gptjax.data.batching import from_windows, segments_and_positions
+from gptjax.inference import generate
 from gptjax.training import runs
 
 EOD = 0
@@ -268,14 +269,28 @@ def test_a_run_trained_on_two_hosts_loads_on_one_device(tmp_path, cache_dir):
     )
     assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
     one = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    sample = run_cli("sample", str(run), "--prompt", "def ", "--max-new-tokens", "5", env=one)
+    # the oracle: the run's last checkpoint restored here, on one device, and generated from
+    setup, params, tokenizer = runs.load_run(run)
+    args = ["--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]
+    sample = run_cli("sample", str(run), *args, env=one)
     assert sample.returncode == 0, sample.stderr
-    assert sample.stdout.startswith("def ")
-    evaluated = run_cli("eval", str(run), "--batches", "1", env=one)
+    greedy = generate.complete(setup, params, tokenizer, ["def "], max_new_tokens=5, temperature=0)
+    assert sample.stdout.rstrip("\n") == "def " + greedy[0]
+    cfg = config.load(run / "config.yaml")
+    evaluated = run_cli("eval", str(run), "--batches", str(cfg.train.eval_steps), env=one)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert np.isfinite(json.loads(evaluated.stdout.strip().splitlines()[-1])["eval_loss"])
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in logged if "eval_loss" in r and r["step"] == 4][-1]["eval_loss"]
+    # the same held-out batches as the run's own final evaluation; 8 devices over 2 processes
+    # there and one here only change the order of the float32 sums
+    got = json.loads(evaluated.stdout.strip().splitlines()[-1])["eval_loss"]
+    assert got == pytest.approx(final, rel=1e-5)
     out = tmp_path / "export"
     exported = run_cli("export", str(run), "--out", str(out), env=one)
     assert exported.returncode == 0, exported.stderr
+    restored = {name: np.asarray(leaf) for name, leaf in model.by_name(params).items()}
     with np.load(out / "params.npz") as arrays:
-        assert arrays["blocks.qkv_w"].shape == (2, 64, 3, 2, 32)
+        assert sorted(arrays.files) == sorted(restored)
+        for name, value in restored.items():
+            np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    assert restored["blocks.qkv_w"].shape == (2, 64, 3, 2, 32)
