@@ -81,7 +81,7 @@ def test_gpt3_configs_match_the_paper():
         m = cfg.model
         assert (m.n_layer, m.d_model, m.n_head, m.seq_len) == (layers, width, heads, 2048), name
         assert m.vocab_size == 50304 and m.dtype == "bfloat16", name
-        assert flops.param_counts(m)["params"] == pytest.approx(params, rel=0.025), name
+        assert flops.param_counts(m)["params"] == pytest.approx(params, rel=0.02), name  # <= 1.8%
         tokens = cfg.train.batch_size * m.seq_len
         assert tokens == pytest.approx(batch_tokens, rel=0.05 if name != "175b" else 0.02), name
         assert cfg.optim.lr == lr and (cfg.optim.b1, cfg.optim.b2) == (0.9, 0.95), name
