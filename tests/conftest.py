@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -74,3 +76,26 @@ def run_processes(args_per_rank: list[list[str]], timeout: float = 240) -> list[
             process.kill()
             process.wait()
     return [(p.returncode, err) for p, err in zip(processes, errs, strict=True)]
+
+
+@contextlib.contextmanager
+def served(run_dir, env: dict | None = None):
+    """`gptjax serve RUN_DIR --port 0` in a subprocess; yields its base URL once it serves."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptjax", "serve", str(run_dir), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    try:
+        line = ""
+        for line in process.stderr:  # noqa: B007 - the last line read is used below
+            if "serving" in line:
+                break
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert found, f"the server did not start: {line!r}"
+        yield f"http://127.0.0.1:{found.group(1)}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -207,31 +207,10 @@ def test_eval_command_prints_and_logs(model_run, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def server(model_run):
     """`gptjax serve RUN_DIR --port 0` on the imported run, in a subprocess; its base URL."""
-    import os
-    import re
-    import subprocess
-    import sys
+    from conftest import served
 
-    from conftest import ROOT
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gptjax", "serve", str(model_run[0]), "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""},
-    )
-    try:
-        line = ""
-        for line in process.stderr:  # noqa: B007 - the last line read is used below
-            if "serving" in line:
-                break
-        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert found, f"the server did not start: {line!r}"
-        yield f"http://127.0.0.1:{found.group(1)}"
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    with served(model_run[0], {"XLA_FLAGS": ""}) as url:
+        yield url
 
 
 def post(url, body) -> tuple[int, dict]:

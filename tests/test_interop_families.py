@@ -24,7 +24,14 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from test_interop_hf import ATOL, TEXT, bpe_tokenizer, hf_logits  # noqa: E402
+from test_interop_hf import (  # noqa: E402
+    ATOL,
+    TEXT,
+    _edit_config,
+    _edit_tensors,
+    bpe_tokenizer,
+    hf_logits,
+)
 
 from gptjax import cli, config  # noqa: E402
 from gptjax.core import model as model_module  # noqa: E402
@@ -259,24 +266,6 @@ def test_gptjax_model_exports_to_transformers(imported, tokenizer, tmp_path, kin
     np.testing.assert_allclose(logits[..., :V], hf_logits(model, ids), atol=ATOL, rtol=0)
     # transformers' 32 greedy tokens are gptjax's argmax at every step
     check_greedy(logits[2], len(prompt_ids), new)
-
-
-def _edit_config(**changes):
-    def edit(directory):
-        path = directory / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-    return edit
-
-
-def _edit_tensors(change):
-    def edit(directory):
-        path = directory / "model.safetensors"
-        tensors = safetensors_numpy.load_file(path)
-        change(tensors)
-        safetensors_numpy.save_file(tensors, path, metadata={"format": "pt"})
-
-    return edit
 
 
 REFUSED = {

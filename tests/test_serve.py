@@ -4,7 +4,6 @@ pseudo-terminal. The oracle for every reply is the same greedy generation run in
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, served, tiny_config
 
 from gptjax.inference import access, generate, serve
 from gptjax.inference.chatbot import Chatbot, ContextError, Settings
@@ -87,25 +86,8 @@ def test_history_keeps_the_newest_turns_that_fit(bot):
 @pytest.fixture(scope="module")
 def server(run_dir):
     """`gptjax serve RUN_DIR --port 0` in a subprocess; yields its base URL."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gptjax", "serve", str(run_dir), "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    try:
-        line = ""
-        for line in process.stderr:  # noqa: B007 - the last line read is used below
-            if "serving" in line:
-                break
-        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert found, f"the server did not start: {line!r}"
-        yield f"http://127.0.0.1:{found.group(1)}"
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    with served(run_dir) as url:
+        yield url
 
 
 def request(url, body: str | None = None) -> tuple[int, dict]:
