@@ -489,7 +489,7 @@ def parser() -> argparse.ArgumentParser:
         "--model-type",
         default=None,
         help="hf: the Hugging Face model_type to write (default: the one that computes the "
-        "block; openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2)",
+        "block; openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2, qwen3)",
     )
     p.set_defaults(run=_export)
 
@@ -500,7 +500,7 @@ def parser() -> argparse.ArgumentParser:
         "format",
         choices=("hf",),
         help="hf: a local Hugging Face directory (model_type openai-gpt, gpt2, gpt_neo, llama, "
-        "mistral or qwen2)",
+        "mistral, qwen2 or qwen3)",
     )
     p.add_argument("directory", help="holds config.json, the weights and the tokenizer")
     p.add_argument("--run-dir", required=True, help="the new run directory (must not exist)")

@@ -1,5 +1,5 @@
 """Hugging Face both ways for every family gptjax imports (openai-gpt, gpt2, gpt_neo, llama,
-mistral, qwen2), against transformers itself in f32.
+mistral, qwen2, qwen3), against transformers itself in f32.
 
 Import: a tiny random transformers model of each model_type (every weight, bias and norm gain
 perturbed; GQA, an explicit head_dim, RoPE scaling, sliding windows and biases where the family
@@ -92,10 +92,15 @@ def hf_config(kind: str, vocab: int):
             sliding_window=5, max_window_layers=1,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **llama,
         )  # fmt: skip
+    if kind == "qwen3":  # qk-norm, q/k/v/o biases, GQA, head_dim 32 (N · H = 128 != D)
+        return t.Qwen3Config(
+            num_key_value_heads=2, head_dim=32, attention_bias=True, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **llama,
+        )  # fmt: skip
     raise AssertionError(kind)
 
 
-KINDS = ["openai-gpt", "gpt2", "gpt_neo", "llama", "mistral", "qwen2"]
+KINDS = ["openai-gpt", "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "qwen3"]
 # the gptjax block each import must arrive at
 EXPECTED = {
     "openai-gpt": dict(norm_placement="post", final_norm=False, mlp="gelu_tanh", norm_eps=1e-6),
@@ -104,6 +109,7 @@ EXPECTED = {
     "llama": dict(n_kv_head=2, head_dim=32, positions="rope", norm="rmsnorm", mlp="swiglu"),
     "mistral": dict(n_kv_head=1, attention_pattern=("local:6",), qkv_bias=False),
     "qwen2": dict(attention_pattern=("dense", "local:5"), qkv_bias=True, attn_out_bias=False),
+    "qwen3": dict(qk_norm=True, n_kv_head=2, head_dim=32, qkv_bias=True, attn_out_bias=True),
 }
 SCALING = {
     "llama": dict(type="yarn", factor=4.0, original_max_position=16, beta_fast=16.0),
@@ -113,7 +119,7 @@ SCALING = {
 # transformers' generate for the family whose cache differs most from GPT-2's: mistral (every
 # layer a ring of its window, RoPE positions in decode, one key/value head). The cache of windows,
 # GQA, RoPE and sinks is checked against full recompute in tests/test_families.py; here, for all
-# six, each of transformers' greedy tokens is gptjax's argmax after the same prefix.
+# of them, each of transformers' greedy tokens is gptjax's argmax after the same prefix.
 DECODED = ("mistral",)
 
 
@@ -330,7 +336,11 @@ LLAMA = dict(
 @pytest.mark.parametrize(
     "changes, asked, message",
     [
-        (dict(qk_norm=True, **LLAMA), [], "the nearest, llama, cannot compute model.qk_norm=True"),
+        (  # Qwen3 has qk-norm but no MLP biases
+            dict(LLAMA, qk_norm=True, mlp_bias=True),
+            [],
+            "the nearest, llama, cannot compute model.qk_norm=True",
+        ),
         (dict(mlp="relu2"), [], "cannot compute model.mlp='relu2'"),
         (dict(positions="none"), [], "model.positions=none"),
         (  # GPT-3 banded: GPT-2 has no bands, GPT-Neo no qkv bias and no score scale

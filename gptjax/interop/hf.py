@@ -1,5 +1,6 @@
 """Hugging Face checkpoints <-> gptjax runs: weights, config.json, the tokenizer, for every
-family in gptjax/interop/hf_families.py (openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2).
+family in gptjax/interop/hf_families.py (openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2,
+qwen3).
 
 `import_run` reads a local HF directory (`model.safetensors` or `pytorch_model.bin`, possibly
 sharded with an index; keys with or without the family's `transformer.` / `model.` prefix;

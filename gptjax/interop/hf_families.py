@@ -1,5 +1,5 @@
 """The Hugging Face families gptjax imports and exports, one table each: openai-gpt (GPT-1),
-gpt2, gpt_neo, llama, mistral and qwen2.
+gpt2, gpt_neo, llama, mistral, qwen2 and qwen3.
 
 A `Family` says three things, read by both directions in gptjax/interop/hf.py:
 - `fields(hf)`: the gptjax model fields a config.json means (import). A field whose value gptjax
@@ -9,11 +9,11 @@ A `Family` says three things, read by both directions in gptjax/interop/hf.py:
   option it cannot, in words) and the config.json of one it can (export).
 - `tensors(model)`: every HF tensor of the model and the gptjax parameter (or the slice of one)
   it is. HF shapes are written in symbols: V vocabulary, P positions, D d_model, F d_ff,
-  Q = n_head · head_dim, KV = n_kv_head · head_dim. `linear`: an `nn.Linear` weight, stored
-  [out, in] (transposed against gptjax's [in, out]); GPT-1 and GPT-2's `Conv1D` weights are
-  [in, out] already. `part` (axis, index): the tensor is one slice of a fused gptjax weight
-  (q, k or v of `qkv_w` [D, 3, N, H], k or v of `kv_w` [D, 2, K, H]), the axis counted without
-  the leading layers axis.
+  H head_dim, Q = n_head · head_dim, KV = n_kv_head · head_dim. `linear`: an `nn.Linear`
+  weight, stored [out, in] (transposed against gptjax's [in, out]); GPT-1 and GPT-2's `Conv1D`
+  weights are [in, out] already. `part` (axis, index): the tensor is one slice of a fused
+  gptjax weight (q, k or v of `qkv_w` [D, 3, N, H], k or v of `kv_w` [D, 2, K, H]), the axis
+  counted without the leading layers axis.
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ def _neo_config(model: ModelConfig) -> dict:
     }
 
 
-# --- Llama, Mistral, Qwen2: RMSNorm, RoPE, SwiGLU, grouped heads --------------------------------
+# --- Llama, Mistral, Qwen2, Qwen3 (qk-norm): RMSNorm, RoPE, SwiGLU, grouped heads ----------
 
 
 def _llama_tensors(model: ModelConfig) -> list[Tensor]:
@@ -430,6 +430,9 @@ def _llama_tensors(model: ModelConfig) -> list[Tensor]:
     ]
     if model.attn_out_bias:
         rows.append(Tensor(a + "o_proj.bias", "blocks.out_b", ("D",)))
+    if model.qk_norm:  # Qwen3: RMSNorm gains of each head's queries and keys
+        rows.append(Tensor(a + "q_norm.weight", "blocks.q_norm", ("H",)))
+        rows.append(Tensor(a + "k_norm.weight", "blocks.k_norm", ("H",)))
     rows.append(Tensor("layers.{i}.post_attention_layernorm.weight", "blocks.ln2_scale", ("D",)))
     for hf, ours, shape in (
         ("gate_proj", "gate", ("F", "D")),
@@ -521,14 +524,18 @@ def rope_config(model: ModelConfig) -> dict:
     return {"rope_parameters": params, "rope_theta": model.rope_theta, "rope_scaling": legacy}
 
 
-def _llama_common_fields(hf: dict, *, qkv_bias: bool, out_bias: bool, mlp_bias: bool) -> dict:
+def _llama_common_fields(
+    hf: dict, *, qkv_bias: bool, out_bias: bool, mlp_bias: bool, head_dim: int | None = None
+) -> dict:
+    """`head_dim`: the family's default when config.json has none (Qwen3: 128), else
+    hidden_size / num_attention_heads."""
     for name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size"):
         positive_int(hf, name)
     positive_int(hf, "max_position_embeddings")
     fixed(hf, "hidden_act", ("silu",), "silu")
     n_head = hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or n_head
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+    head_dim = hf.get("head_dim") or head_dim or hf["hidden_size"] // n_head
     return {
         "n_layer": hf["num_hidden_layers"],
         "n_head": n_head,
@@ -565,7 +572,21 @@ def _mistral_fields(hf: dict) -> dict:
 
 def _qwen2_fields(hf: dict) -> dict:
     out = _llama_common_fields(hf, qkv_bias=True, out_bias=False, mlp_bias=False)
-    n_layer = out["n_layer"]
+    out["attention_pattern"] = _qwen_layer_pattern(hf, out["n_layer"])
+    return out
+
+
+def _qwen3_fields(hf: dict) -> dict:
+    bias = bool(hf.get("attention_bias", False))
+    out = _llama_common_fields(hf, qkv_bias=bias, out_bias=bias, mlp_bias=False, head_dim=128)
+    out["qk_norm"] = True
+    out["attention_pattern"] = _qwen_layer_pattern(hf, out["n_layer"])
+    return out
+
+
+def _qwen_layer_pattern(hf: dict, n_layer: int) -> tuple[str, ...]:
+    """Qwen2 and Qwen3's full / sliding layers (`layer_types`, or `use_sliding_window` +
+    `max_window_layers`) as a gptjax attention_pattern."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
     layer_types = hf.get("layer_types")
     if layer_types is None:
@@ -584,8 +605,7 @@ def _qwen2_fields(hf: dict) -> dict:
         "dense" if t == "full_attention" or window is None else f"local:{window}"
         for t in layer_types
     ]
-    out["attention_pattern"] = repeating_pattern(kinds)
-    return out
+    return repeating_pattern(kinds)
 
 
 _ROPE_BLOCK = dict(
@@ -632,6 +652,18 @@ def _qwen2_mismatches(model: ModelConfig) -> list[str]:
     return problems
 
 
+def _qwen3_mismatches(model: ModelConfig) -> list[str]:
+    problems = _model_problems(model, {**_ROPE_BLOCK, "qk_norm": True, "mlp_bias": False})
+    _need(
+        problems,
+        model.qkv_bias == model.attn_out_bias,
+        f"model.qkv_bias={model.qkv_bias} with model.attn_out_bias={model.attn_out_bias} "
+        "(its attention_bias covers both)",
+    )
+    _need(problems, _window(model) != -1, "local layers of different windows (one sliding_window)")
+    return problems
+
+
 def _llama_common_config(model: ModelConfig) -> dict:
     return {
         **_common(model),
@@ -659,6 +691,10 @@ def _llama_config(model: ModelConfig) -> dict:
 
 def _mistral_config(model: ModelConfig) -> dict:
     return {**_llama_common_config(model), "sliding_window": _window(model)}
+
+
+def _qwen3_config(model: ModelConfig) -> dict:
+    return {**_qwen2_config(model), "attention_bias": model.qkv_bias}
 
 
 def _qwen2_config(model: ModelConfig) -> dict:
@@ -739,6 +775,16 @@ FAMILIES: dict[str, Family] = {
             _llama_tensors,
             ROPE_BUFFERS,
         ),
+        Family(
+            "qwen3",
+            ("Qwen3ForCausalLM", "Qwen3Model"),
+            "model.",
+            _qwen3_fields,
+            _qwen3_mismatches,
+            _qwen3_config,
+            _llama_tensors,
+            ROPE_BUFFERS,
+        ),
     )
 }
 
@@ -789,4 +835,4 @@ def family_of_model(model: ModelConfig, model_type: str | None = None) -> Family
 def dims(model: ModelConfig, vocab: int) -> dict[str, int]:
     Q, KV = model.n_head * model.head_dim, model.kv_heads * model.head_dim
     return {"V": vocab, "P": model.n_positions, "D": model.d_model, "F": model.ff, "Q": Q,
-            "KV": KV, "3Q": 3 * Q}  # fmt: skip
+            "KV": KV, "3Q": 3 * Q, "H": model.head_dim}  # fmt: skip
