@@ -137,6 +137,11 @@ class ModelConfig(_Section):
     )
     mlp: Literal["gelu_tanh", "gelu", "swiglu", "relu2"] = "gelu_tanh"
     embed_scale: float = Field(1.0, gt=0.0, description="token embeddings times this")
+    logit_softcap: float = Field(
+        0.0,
+        ge=0.0,
+        description="> 0: logits = c * tanh(logits / c) (Gemma 2, modded-nanogpt); 0: off",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

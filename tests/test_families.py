@@ -33,6 +33,7 @@ FAMILIES = {
     "llama": LLAMA,
     "mistral": {**LLAMA, "attention_pattern": ("local:6",)},
     "qwen2": {**LLAMA, "qkv_bias": True},
+    "softcap": {"logit_softcap": 0.5},  # GPT-2's block, logits c * tanh(logits / c)
     "gpt_oss": {
         **LLAMA,
         "attention_pattern": ("local:4", "dense"),
@@ -135,7 +136,9 @@ def numpy_forward(cfg, p, tokens):
         x = x + m if pre else normed(x + m, b["ln2_scale"], b.get("ln2_bias"))
     if cfg.final_norm:
         x = normed(x, p["ln_f_scale"], p.get("ln_f_bias"))
-    return x @ (p["wte"].T if cfg.tie_embeddings else p["lm_head"])
+    out = x @ (p["wte"].T if cfg.tie_embeddings else p["lm_head"])
+    c = cfg.logit_softcap
+    return c * np.tanh(out / c) if c else out
 
 
 def random_params(cfg, seed=0):

@@ -343,6 +343,7 @@ LLAMA = dict(
         ),
         (dict(mlp="relu2"), [], "cannot compute model.mlp='relu2'"),
         (dict(positions="none"), [], "model.positions=none"),
+        (dict(logit_softcap=30.0), [], "model.logit_softcap=30.0: no Hugging Face"),
         (  # GPT-3 banded: GPT-2 has no bands, GPT-Neo no qkv bias and no score scale
             dict(attention_pattern=["dense", "local:256"]),
             [],
@@ -351,7 +352,7 @@ LLAMA = dict(
         (LLAMA, ["--model-type", "gpt2"], "the nearest, gpt2, cannot compute model.norm='rmsnorm'"),
         (LLAMA, ["--model-type", "bert"], "model_type='bert'; gptjax exports openai-gpt, gpt2"),
     ],
-    ids=["qk_norm", "relu2", "no_positions", "gpt3_banded", "asked_gpt2", "bert"],
+    ids=["qk_norm", "relu2", "no_positions", "softcap", "gpt3_banded", "asked_gpt2", "bert"],
 )
 def test_export_refuses_a_model_no_family_computes(tmp_path, capsys, changes, asked, message):
     """Refused from the run's config.yaml, before any weight is read or anything written."""

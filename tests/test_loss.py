@@ -31,6 +31,21 @@ def test_plain_matches_numpy_oracle():
     )
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_softcapped_loss_matches_numpy_formula(chunk):
+    """model.logit_softcap: the cross-entropy of c * tanh(logits / c), plain and chunked."""
+    h, w, targets = _inputs()
+    w = 4.0 * w  # logits of a few units: a cap of 2 bends most of them
+    c = 2.0
+    logits = np.einsum("btd,vd->btv", np.asarray(h, np.float64), np.asarray(w, np.float64))
+    capped = c * np.tanh(logits / c)
+    lse = np.log(np.exp(capped).sum(-1))
+    expected = lse - np.take_along_axis(capped, np.asarray(targets)[..., None], -1)[..., 0]
+    got = jax.jit(vocab_loss.token_losses, static_argnums=(3, 4, 5))(h, w, targets, chunk, None, c)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(got - vocab_loss.token_losses(h, w, targets)).max() > 0.1  # the cap mattered
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 8])
 def test_chunked_equals_plain_value_and_gradient(chunk):
     h, w, targets = _inputs()

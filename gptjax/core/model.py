@@ -329,7 +329,7 @@ class GPT(nnx.Module):
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """Logits [B, T, V] in f32; padded vocabulary ids (model.vocab_valid) are -inf."""
-        return vocab_loss.logits(h_BTD, self.head(), self.cfg.vocab)
+        return vocab_loss.logits(h_BTD, self.head(), self.cfg.vocab, self.cfg.logit_softcap)
 
     def __call__(self, tokens_BT, key=None, *, positions_BT=None, segment_ids_BT=None):
         """Logits [B, T, V] in f32 (see `hidden`)."""

@@ -209,7 +209,9 @@ def token_losses(graphdef, params, batch: dict, key=None, segments: bool = False
     segments = batch["segment_ids"] if segments else None
     h_BTD = gpt.hidden(batch["inputs"], key, positions_BT=positions, segment_ids_BT=segments)
     # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/core/vocab_loss.py)
-    return vocab_loss.token_losses(h_BTD, gpt.head(), batch["targets"], cfg.loss_chunk, cfg.vocab)
+    return vocab_loss.token_losses(
+        h_BTD, gpt.head(), batch["targets"], cfg.loss_chunk, cfg.vocab, cfg.logit_softcap
+    )
 
 
 def masked_sum(losses_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:

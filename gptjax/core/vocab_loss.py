@@ -16,14 +16,20 @@ import jax.numpy as jnp
 from gptjax.core.sharding import constrain
 
 
-def logits(h_BTD: jax.Array, w_VD: jax.Array, vocab: int | None = None) -> jax.Array:
+def logits(
+    h_BTD: jax.Array, w_VD: jax.Array, vocab: int | None = None, softcap: float = 0.0
+) -> jax.Array:
     """Logits [B, T, V] in f32 from hidden states [B, T, D] and the head [V, D] (compute dtype).
 
-    Ids at or above `vocab` (a table padded past the tokenizer's size) get -inf: they are never
-    sampled and take no probability in the loss."""
+    `softcap` > 0: soft-capped logits, softcap * tanh(logits / softcap) (Gemma 2; the
+    modded-nanogpt speedrun), smooth and within (-softcap, softcap). Ids at or above `vocab` (a
+    table padded past the tokenizer's size) get -inf: they are never sampled and take no
+    probability in the loss."""
     out = jnp.einsum(
         "btd,vd->btv", h_BTD, w_VD.astype(h_BTD.dtype), preferred_element_type=jnp.float32
     )
+    if softcap > 0:
+        out = softcap * jnp.tanh(out / softcap)
     if vocab is not None and vocab < w_VD.shape[0]:
         out = jnp.where(jnp.arange(w_VD.shape[0]) < vocab, out, -jnp.inf)
     return constrain(out, ("batch", "seq", "vocab"))
@@ -41,17 +47,22 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def token_losses(
-    h_BTD: jax.Array, w_VD: jax.Array, targets_BT: jax.Array, chunk: int = 0, vocab=None
+    h_BTD: jax.Array,
+    w_VD: jax.Array,
+    targets_BT: jax.Array,
+    chunk: int = 0,
+    vocab=None,
+    softcap: float = 0.0,
 ):
     """Per-token cross-entropy [B, T] (nats, f32) of the head `w_VD` applied to `h_BTD`.
 
-    `vocab`: ids at or above it are padding (see `logits`). `chunk` = 0 computes all logits at
-    once; otherwise `chunk` (which must divide T) sequence
-    positions at a time, recomputing each chunk's logits in the backward pass.
+    `vocab`: ids at or above it are padding; `softcap`: capped logits (see `logits`). `chunk` =
+    0 computes all logits at once; otherwise `chunk` (which must divide T) sequence positions at
+    a time, recomputing each chunk's logits in the backward pass.
     """
     B, T, D = h_BTD.shape
     if chunk <= 0 or chunk >= T:
-        return cross_entropy(logits(h_BTD, w_VD, vocab), targets_BT)
+        return cross_entropy(logits(h_BTD, w_VD, vocab, softcap), targets_BT)
     if T % chunk:
         raise ValueError(f"loss chunk {chunk} does not divide the sequence length {T}")
     n = T // chunk
@@ -60,7 +71,7 @@ def token_losses(
 
     @jax.checkpoint
     def one_chunk(h_BCD, targets_BC):
-        return cross_entropy(logits(h_BCD, w_VD, vocab), targets_BC)
+        return cross_entropy(logits(h_BCD, w_VD, vocab, softcap), targets_BC)
 
     _, losses_NBC = jax.lax.scan(lambda _, xs: (None, one_chunk(*xs)), None, (h_NBCD, targets_NBC))
     return losses_NBC.swapaxes(0, 1).reshape(B, T)

@@ -813,6 +813,11 @@ def family_of_model(model: ModelConfig, model_type: str | None = None) -> Family
             "model.positions=none: no Hugging Face model_type gptjax exports computes a model "
             "without positions"
         )
+    if model.logit_softcap:
+        raise InteropError(
+            f"model.logit_softcap={model.logit_softcap}: no Hugging Face model_type gptjax "
+            "exports caps its logits"
+        )
     if model_type is not None:
         if model_type not in FAMILIES:
             raise InteropError(f"model_type={model_type!r}; gptjax exports {', '.join(FAMILIES)}")
