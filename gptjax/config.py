@@ -23,10 +23,12 @@ class ConfigError(UserError, ValueError):
     """A user mistake in a config file or override; the message is one line."""
 
 
-# The device mesh, stated once. Axes in order; each `dcn_*` key multiplies the axis it names
-# across hosts (the slower network between them) in a hybrid mesh.
-MESH_AXES = ("data", "fsdp", "tensor")
-DCN_AXES = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
+# The device mesh, stated once. Axes in order (the last ones on the nearest devices); each
+# `dcn_*` key multiplies the axis it names across hosts (the slower network between them) in a
+# hybrid mesh. `expert` shards the experts of MoE layers (gptjax/core/expert_parallel.py) and,
+# for everything else, splits the batch and the weights like `fsdp` (docs/sharding.md).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+DCN_AXES = {"data": "dcn_data", "fsdp": "dcn_fsdp", "expert": "dcn_expert"}
 # model.remat: "none", or what the backward pass recomputes (gptjax/core/model.py)
 Remat = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 REMATS = get_args(Remat)
@@ -219,9 +221,11 @@ class ModelConfig(_Section):
 class MeshConfig(_Section):
     data: int = -1
     fsdp: int = 1
+    expert: int = Field(1, description="MoE: experts split over this many devices")
     tensor: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    dcn_expert: int = 1
     rules: dict[str, str | list[str] | None] | None = Field(
         None, description="logical axis -> mesh axis (or list, or null); default in sharding.py"
     )

@@ -199,11 +199,12 @@ def test_a_resume_with_other_shapes_names_the_parameters(tmp_path, cache_dir):
 
 
 def test_one_mesh_definition_resets_every_axis_for_local_devices():
-    mesh = config.MeshConfig(data=2, fsdp=2, tensor=2, dcn_data=2, dcn_fsdp=2)
+    mesh = config.MeshConfig(data=2, fsdp=2, expert=2, tensor=2, dcn_data=2, dcn_expert=2)
     local = mesh.on_local_devices()
-    assert local.sizes() == {"data": -1, "fsdp": 1, "tensor": 1}
+    assert local.sizes() == {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
     assert set(local.dcn().values()) == {1}
-    assert sharding.make_mesh(local, jax.devices()[:1]).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    one = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert sharding.make_mesh(local, jax.devices()[:1]).shape == one
     assert tuple(sharding.make_mesh(mesh.one_device(), jax.devices()[:1]).axis_names) == (
         config.MESH_AXES
     )

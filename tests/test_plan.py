@@ -97,7 +97,7 @@ def test_plan_175b_on_64_devices_in_a_fresh_process(capfd):
     report = json.loads(capfd.readouterr().out)
     shape = dict(L=96, D=12288, F=4 * 12288, V=50304, P=2048)
     assert report["params"] == hand_counts(**shape)[0]
-    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 8}
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 8}
     params = hand_param_bytes(**shape, fsdp=8, tensor=8)
     assert report["bytes_per_device"]["params"] == params  # 10.2 GiB
     assert report["bytes_per_device"]["xla_total"] is None  # --no-xla

@@ -215,6 +215,7 @@ def test_sharded_init_never_holds_the_whole_model(tmp_path, cache_dir):
         (("mesh.fsdp=8", "model.d_model=36", "model.n_head=4"), "model.d_model=36 is not"),
         (("mesh.data=8", "mesh.rules={embd: fsdp}"), "mesh.rules.embd: unknown logical axis"),
         (("mesh.data=8", "mesh.rules={embed: model}"), "mesh.rules.embed: unknown mesh axis"),
+        (("mesh.expert=8",), "mesh.expert=8 splits experts but the model is dense"),
     ],
 )
 def test_mesh_mistakes_are_one_line_config_errors(tmp_path, cache_dir, overrides, message):

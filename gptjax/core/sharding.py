@@ -1,8 +1,8 @@
 """Device mesh and logical-axis sharding.
 
 The model names its axes (`embed`, `heads`, ...); one rules table maps each logical name to a
-mesh axis (`data`, `fsdp`, `tensor`), several, or none. Data parallel, FSDP and tensor parallel
-are then only choices of mesh shape.
+mesh axis (`data`, `fsdp`, `expert`, `tensor`), several, or none. Data parallel, FSDP, expert
+parallel and tensor parallel are then only choices of mesh shape.
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ from gptjax.config import DCN_AXES, MESH_AXES, ConfigError, MeshConfig
 # logical axis -> mesh axes. A mesh axis already used by an earlier dimension of the same array
 # is skipped, so activations [batch, seq, embed] shard batch over (data, fsdp) and leave embed
 # whole, while weights [embed, mlp] shard embed over fsdp (ZeRO-3) and mlp over tensor.
+# `expert` (MoE): an expert weight [expert, embed, mlp] puts its experts on mesh.expert (so embed
+# keeps only fsdp); everywhere else mesh.expert acts as one more fsdp axis: it splits the batch
+# and shards the dense weights' embed (as GShard and MaxText do), so no device idles outside the
+# MoE layers and tokens meet their experts by one all-to-all within each expert group.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "seq": (),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "expert"),
+    "expert": ("expert",),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -52,6 +57,7 @@ SIZE_KEYS = {
     "qkv": "the q/k/v axis",
     "batch": "the batch",
     "seq": "model.seq_len",
+    "expert": "model.moe.experts",
 }
 
 # What to do when an axis does not divide (default: change the model size, the mesh or rules).
@@ -65,9 +71,16 @@ FIXES = {
 log = logging.getLogger("gptjax")
 
 
-def make_rules(overrides: Mapping[str, str | list[str] | None] | None = None) -> dict:
-    """The default table updated with the config's `mesh.rules`."""
+def make_rules(
+    overrides: Mapping[str, str | list[str] | None] | None = None, expert: bool = False
+) -> dict:
+    """The default table updated with the config's `mesh.rules`.
+
+    `expert`: the mesh's expert axis is larger than 1. When it is not, the defaults leave the
+    axis out (so a dense model's partition specs read as they always did)."""
     rules = dict(DEFAULT_RULES)
+    if not expert:
+        rules = {name: tuple(a for a in axes if a != "expert") for name, axes in rules.items()}
     for name, axes in (overrides or {}).items():
         if name not in DEFAULT_RULES:
             raise ConfigError(
@@ -122,7 +135,12 @@ def resolve_shape(config: MeshConfig, n_devices: int) -> tuple[int, ...]:
 
 
 def _show(config: MeshConfig) -> str:
-    text = " ".join(f"{axis}={size}" for axis, size in config.sizes().items())
+    sizes = config.sizes()
+    text = " ".join(
+        f"{axis}={size}"
+        for axis, size in sizes.items()
+        if axis != "expert" or size != 1  # a dense model's mesh reads as before
+    )
     if math.prod(config.dcn().values()) > 1:
         text += " " + " ".join(f"{key}={getattr(config, key)}" for key in DCN_AXES.values())
     return text
@@ -175,6 +193,11 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
             yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) a step activated, or None outside `activate`."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

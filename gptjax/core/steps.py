@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptjax.config import Config, ModelConfig
-from gptjax.core import model, optim, platform, sharding, vocab_loss
+from gptjax.core import expert_parallel, model, optim, platform, sharding, vocab_loss
 from gptjax.data import batching
 from gptjax.data import loader as data_loader
 
@@ -78,7 +78,7 @@ def _model_on_mesh(cfg: Config, devices) -> tuple[ModelSetup, Any, set[str], nnx
     """(the model setup, the parameter specs, the mesh axes that shard a parameter, the
     parameters' abstract nnx state)."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    rules = sharding.make_rules(cfg.mesh.rules)
+    rules = sharding.make_rules(cfg.mesh.rules, expert=mesh.shape["expert"] > 1)
     model_cfg = platform.resolve(cfg.model, list(mesh.devices.flat))
     graphdef, abstract_params = model.abstract(model_cfg)
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
@@ -88,6 +88,7 @@ def _model_on_mesh(cfg: Config, devices) -> tuple[ModelSetup, Any, set[str], nnx
         logical,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+    expert_parallel.check(model_cfg, mesh, rules)
     param_axes = sharding.check_parameters(shapes, logical, rules, mesh)
     param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs, is_leaf=_is_spec)
     abstract = jax.tree.map(
@@ -126,6 +127,8 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
         cfg.train.batch_size, cfg.train.micro_batches, base.rules, mesh
     )
     sharding.warn_idle_axes(mesh, param_axes, batch_axes)
+    rows = cfg.train.batch_size // cfg.train.micro_batches
+    expert_parallel.check(base.model_cfg, mesh, base.rules, rows * cfg.model.seq_len)
 
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
     schedule = optim.schedule(cfg.optim, cfg.train.steps, tokens_per_step)
