@@ -367,3 +367,21 @@ def test_export_refuses_a_model_no_family_computes(tmp_path, capsys, changes, as
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+def test_mxfp4_dequantization_equals_transformers():
+    """gptjax's NumPy MXFP4 decoding against transformers' own (convert_moe_packed_tensors) on
+    random codes and exponents: the same f32 values, bit for bit (bf16 too: every value is an
+    FP4 value times a power of two)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from gptjax.interop import mxfp4
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (3, 10, 4, 16), dtype=np.uint8)
+    scales = rng.integers(100, 150, (3, 10, 4), dtype=np.uint8)
+    ours = mxfp4.dequantize(blocks, scales)
+    assert ours.shape == (3, 4 * 32, 10) and ours.dtype == np.float32
+    b, sc = torch.from_numpy(blocks), torch.from_numpy(scales)
+    np.testing.assert_array_equal(ours, convert_moe_packed_tensors(b, sc, dtype=torch.float32))
+    np.testing.assert_array_equal(ours, convert_moe_packed_tensors(b, sc).float().numpy())
