@@ -103,7 +103,7 @@ def _sample(args) -> int:
     prompts = [p for p in _read_prompts(args) for _ in range(args.num_samples)]
     settings = _settings(args, least_new=0)
     devices, mesh = _sample_devices(args)
-    setup, params, tokenizer = runs.load_run(args.run_dir, args.step, devices, mesh)
+    setup, params, tokenizer = runs.load_run(args.run_dir, args.step, devices, mesh, args.quantize)
     pieces = generate.generate(setup, params, tokenizer, prompts, **dataclasses.asdict(settings))
     context = setup.cfg.model.seq_len
     if len(prompts) == 1:  # stream
@@ -155,7 +155,7 @@ def _chat(args) -> int:
 
     settings = _settings(args)
     devices, mesh = _sample_devices(args)
-    bot = Chatbot(args.run_dir, args.step, devices=devices, mesh=mesh)
+    bot = Chatbot(args.run_dir, args.step, devices=devices, mesh=mesh, quant=args.quantize)
     if not runs.learned_chat(args.run_dir):
         logging.getLogger("gptjax").warning(
             "%s was not fine-tuned on conversations (its data.source is not a chat source), so "
@@ -191,6 +191,7 @@ def _serve(args) -> int:
         keys=keys,
         allow_unauthenticated=args.allow_unauthenticated,
         limits=limits,
+        quant=args.quantize,
     )
 
 
@@ -210,13 +211,14 @@ def _eval(args) -> int:
             include_path=args.include_path,
             devices=devices,
             mesh=mesh,
+            quant=args.quantize,
         )
         print(json.dumps(result, default=str))
         return 0
     if not args.tasks:
         from gptjax.training import runs
 
-        print(json.dumps(runs.score_held_out(args.run_dir, args.step, args.batches)))
+        print(json.dumps(runs.score_held_out(args.run_dir, args.step, args.batches, args.quantize)))
         return 0
     from gptjax.evaluation import run
 
@@ -232,6 +234,7 @@ def _eval(args) -> int:
         unconditional=args.unconditional,
         devices=devices,
         mesh=mesh,
+        quant=args.quantize,
     )
     print(json.dumps(result))
     return 0
@@ -353,10 +356,20 @@ def _add_mesh_flags(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--tensor", type=int, default=1, help="of them, split each model's heads")
 
 
+def _add_quantize_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: matmul weights as int8 with per-channel scales (docs/compression.md)",
+    )
+
+
 def _add_model_flags(p: argparse.ArgumentParser, verb: str) -> None:
-    """Which checkpoint of the run, on which devices (`_sample_devices`)."""
+    """Which checkpoint of the run, on which devices (`_sample_devices`), quantised or not."""
     _add_mesh_flags(p, verb)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    _add_quantize_flag(p)
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, each: str) -> None:
@@ -470,6 +483,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--include-path", default=None, help="--harness: a folder of lm-eval YAML")
     _add_mesh_flags(p, "score")
+    _add_quantize_flag(p)
     p.set_defaults(run=_eval)
 
     p = commands.add_parser(

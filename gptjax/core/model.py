@@ -24,7 +24,7 @@ from flax import nnx
 
 from gptjax.config import REMATS, ModelConfig
 from gptjax.core import attention as attn
-from gptjax.core import vocab_loss
+from gptjax.core import quantize, vocab_loss
 from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know it)
     CACHE_AXES,
     Context,
@@ -216,7 +216,7 @@ class GPT(nnx.Module):
         # from a table sharded on vocab or embed makes XLA rematerialise it in full on meshes
         # where data and fsdp are both > 1 ("Involuntary full rematerialization").
         table = constrain(self.wte[...], (None, None))
-        x = jnp.take(table, tokens_BT, axis=0)
+        x = quantize.take(table, tokens_BT)  # an int8 table (--quantize) too
         if cfg.embed_scale != 1.0:
             x = x * cfg.embed_scale
         if cfg.positions != "learned":

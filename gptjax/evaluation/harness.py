@@ -176,9 +176,11 @@ def evaluate_run(
     include_path: str | None = None,
     devices=None,
     mesh: dict | None = None,
+    quant: str | None = None,
 ) -> dict[str, Any]:
     """`gptjax eval RUN_DIR --harness TASKS`: lm-eval's results per task; each task's samples
-    go to run_dir/evaluations/harness-TASK-step{S}.jsonl."""
+    go to run_dir/evaluations/harness-TASK-step{S}[-int8].jsonl (`quant` "int8": int8
+    weights)."""
     from gptjax.atomic import write_file
     from gptjax.training import runs
     from gptjax.training.checkpoint import Checkpointer
@@ -190,9 +192,10 @@ def evaluate_run(
         reader = Checkpointer(run_dir, async_save=False, read_only=True)
         step = reader.latest_step()
         reader.close()
-    setup, params, tokenizer = runs.load_run(run_dir, step, devices, mesh)
+    setup, params, tokenizer = runs.load_run(run_dir, step, devices, mesh, quant)
     out = evaluate(make_lm(setup, params, tokenizer), names, shots, limit, include_path)
+    tag = f"-{quant}" if quant not in (None, "none") else ""
     for name, samples in out["samples"].items():
         lines = "".join(json.dumps(s, default=str) + "\n" for s in samples)
-        write_file(run_dir / "evaluations" / f"harness-{name}-step{step}.jsonl", lines)
+        write_file(run_dir / "evaluations" / f"harness-{name}-step{step}{tag}.jsonl", lines)
     return {"step": step, "results": out["results"]}

@@ -151,9 +151,11 @@ def evaluate_run(
     devices=None,
     mesh: dict | None = None,
     write_log: bool = True,
+    quant: str | None = None,
 ) -> dict[str, Any]:
-    """Load a run's checkpoint (newest, or `step`) on `devices`/`mesh` (runs.load_run) and
-    evaluate it; the per-example logs go to run_dir/evaluations/TASK-{shots}shot-step{S}.jsonl.
+    """Load a run's checkpoint (newest, or `step`) on `devices`/`mesh` (runs.load_run; `quant`
+    "int8": int8 weights) and evaluate it; the per-example logs go to
+    run_dir/evaluations/TASK-{shots}shot-step{S}[-int8].jsonl.
     """
     from gptjax.training import runs
     from gptjax.training.checkpoint import Checkpointer
@@ -165,7 +167,7 @@ def evaluate_run(
         reader = Checkpointer(run_dir, async_save=False, read_only=True)
         step = reader.latest_step()
         reader.close()
-    setup, params, tokenizer = runs.load_run(run_dir, step, devices, mesh)
+    setup, params, tokenizer = runs.load_run(run_dir, step, devices, mesh, quant)
     scorer = Scorer(setup, params)
     log_dir = run_dir / "evaluations" if write_log else None
     results = evaluate(
@@ -177,6 +179,6 @@ def evaluate_run(
         seed,
         unconditional,
         log_dir,
-        f"-{shots}shot-step{step}",
+        f"-{shots}shot-step{step}" + (f"-{quant}" if quant not in (None, "none") else ""),
     )
     return {"step": step, "tasks": results}

@@ -37,7 +37,7 @@ class Piece:
 
 class Chatbot:
     """One run, loaded once on this process's devices (`devices` and `mesh` as in
-    runs.load_run: default one device)."""
+    runs.load_run: default one device; `quant` "int8": int8 weights)."""
 
     def __init__(
         self,
@@ -46,9 +46,10 @@ class Chatbot:
         chunk: int = TOKENS_PER_CALL,
         devices=None,
         mesh=None,
+        quant: str | None = None,
     ):
         self.run_dir = Path(run_dir)
-        self.setup, self.params, self.tokenizer = runs.load_run(run_dir, step, devices, mesh)
+        self.setup, self.params, self.tokenizer = runs.load_run(run_dir, step, devices, mesh, quant)
         self.template = chat.Template(self.tokenizer)
         self.context = self.setup.cfg.model.seq_len
         self.chunk = chunk

@@ -522,12 +522,13 @@ def serve(
     keys: Iterable[str] = (),
     allow_unauthenticated: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    quant: str | None = None,
 ) -> int:
     keys = tuple(keys)
     limits.check()
     warning = exposure(host, keys, allow_unauthenticated)  # before binding or loading anything
     sock = listen(host, port)  # before loading: a taken port fails at once
-    bot = Chatbot(run_dir, step, chunk, devices, mesh)
+    bot = Chatbot(run_dir, step, chunk, devices, mesh, quant)
     for _ in bot.reply([{"role": "user", "content": "hi"}], Settings(max_new_tokens=2)):
         pass  # compile the generator before the first request
     bound = sock.getsockname()[1]

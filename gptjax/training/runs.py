@@ -19,7 +19,7 @@ import numpy as np
 
 from gptjax import atomic, config
 from gptjax.config import Config, ConfigError
-from gptjax.core import model, steps
+from gptjax.core import model, quantize, steps
 from gptjax.data import Dataset, load_dataset
 from gptjax.data import tokenizer as tok
 from gptjax.training import checkpoint
@@ -44,17 +44,22 @@ def learned_chat(run_dir: str | Path) -> bool:
     return sources.conversational(read_config(run_dir).data)
 
 
-def load_run(run_dir: str | Path, step: int | None = None, devices=None, mesh=None):
+def load_run(
+    run_dir: str | Path, step: int | None = None, devices=None, mesh=None, quant: str | None = None
+):
     """(model setup, params, tokenizer) of a run_dir's newest (or given) checkpoint, on
     `devices` (default: one) with every device on `data`, or with `mesh` sizes ({"data": 2,
     "tensor": 4}) in place of that. Only the parameters are read: no optimiser is built and
-    the optimiser state in the checkpoint is never restored."""
+    the optimiser state in the checkpoint is never restored. `quant` "int8": the matmul
+    weights as int8 with per-channel scales (gptjax/core/quantize.py; the setup describes the
+    quantised tree)."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     if mesh:
         cfg = cfg.model_copy(update={"mesh": cfg.mesh.model_copy(update=mesh)})
     setup = steps.build_model(cfg, devices or jax.devices()[:1])
     params = restore_params(run_dir, step, setup)
+    setup, params = quantize.quantize_setup(setup, params, quant)
     return setup, params, tok.load(run_dir)
 
 
@@ -172,11 +177,13 @@ def restore_params(run_dir: Path, step: int | None, setup: steps.ModelSetup) -> 
         reader.close()
 
 
-def score_held_out(run_dir: str | Path, step: int | None = None, batches: int = 0) -> dict:
+def score_held_out(
+    run_dir: str | Path, step: int | None = None, batches: int = 0, quant: str | None = None
+) -> dict:
     """A run's checkpoint (newest, or `step`) scored on its held-out text: every validation
     window, each once, whatever the batch size (the default), or its first `batches` batches of
-    train.batch_size windows."""
-    setup, params, _ = load_run(run_dir, step)
+    train.batch_size windows; `quant` as for load_run."""
+    setup, params, _ = load_run(run_dir, step, quant=quant)
     cfg = setup.cfg
     data = load_data(cfg, Path(run_dir))
     eval_step = steps.make_eval_step(setup, data.token_bytes)
