@@ -22,10 +22,8 @@ NAMES = {
 }
 
 
-def swiglu_ffn(w, x_RD, group_sizes, cfg=None):
-    """Grouped SwiGLU on rows sorted by expert (what moe.expert_ffn computes)."""
-    n = w["up"].shape[0]
-    ids = jnp.repeat(jnp.arange(n), group_sizes, total_repeat_length=x_RD.shape[0])
+def swiglu_ffn(w, x_RD, ids, group_sizes, cfg=None):
+    """Grouped SwiGLU on rows sorted by expert (what moe.grouped computes)."""
     bias = lambda name: w[name][ids] if name in w else 0
     up = jax.lax.ragged_dot(x_RD, w["up"], group_sizes) + bias("up_b")
     gate = jax.lax.ragged_dot(x_RD, w["gate"], group_sizes) + bias("gate_b")

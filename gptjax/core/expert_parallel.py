@@ -102,11 +102,11 @@ def check(model_cfg, mesh, rules, tokens: int | None = None) -> None:
             )
 
 
-def _ffn(w, x_RD, group_sizes, cfg):
-    """The expert MLP on rows sorted by (local) expert: moe.expert_ffn, the one math."""
+def _ffn(w, x_RD, expert_R, group_sizes, cfg):
+    """The expert MLP on rows sorted by (local) expert: experts_local's own grouped matmuls."""
     from gptjax.core import moe  # moe imports this module
 
-    return moe.expert_ffn(w, x_RD, group_sizes, cfg)
+    return moe.grouped(w, x_RD, expert_R, group_sizes, cfg)
 
 
 def _rank_in_expert(expert_A, n_experts: int):
@@ -126,7 +126,7 @@ def experts_sharded(w, x_TD, expert_TK, gate_TK, cfg, capacity: int | None, ffn=
     `w`: {"up", "gate", "down", optional biases} with a leading E axis (sharded as the
     parameters are); `x_TD` the tokens, `expert_TK` / `gate_TK` their k experts and gates;
     `capacity` per expert over all T tokens (None: dropless). Returns (y_TD in x's dtype, the
-    number of dropped token-expert assignments). `ffn` replaces moe.expert_ffn (tests)."""
+    number of dropped token-expert assignments). `ffn` replaces moe.grouped (tests)."""
     found = sharding.active()
     if found is None:
         raise RuntimeError("experts_sharded needs an active mesh (sharding.activate)")
@@ -183,13 +183,15 @@ def experts_sharded(w, x_TD, expert_TK, gate_TK, cfg, capacity: int | None, ffn=
         send_id = (
             jnp.full((S * C,), E_local, jnp.int32).at[slot].set(sorted_e % E_local, mode="drop")
         )
-        a2a = lambda a: jax.lax.all_to_all(a, ex, 0, 0, tiled=True)
+        # no expert axis: every device holds every expert and keeps its tokens
+        a2a = (lambda a: jax.lax.all_to_all(a, ex, 0, 0, tiled=True)) if ex else (lambda a: a)
         recv_x, recv_id = a2a(send_x), a2a(send_id)
         # group by local expert (E_local marks an empty row: last, outside every group)
         r_order = jnp.argsort(recv_id, stable=True)
         sizes = jnp.zeros(E_local + 1, jnp.int32).at[recv_id].add(1)[:E_local]
         local_w = {k: v for k, v in w.items() if k != "down_b"}
-        y = ffn(local_w, recv_x[r_order], sizes, cfg)
+        r_id = jnp.minimum(recv_id[r_order], E_local - 1)  # empty rows: past every group
+        y = ffn(local_w, recv_x[r_order], r_id, sizes, cfg)
         y = jnp.zeros_like(y).at[r_order].set(y)
         valid = recv_id < E_local
         if "down_b" in w:  # once, not once per tensor shard
