@@ -371,6 +371,20 @@ class TrainConfig(_Section):
     eval_limit: int | None = Field(
         None, gt=0, description="score the first N examples of each eval_tasks task; None: all"
     )
+    # preference objectives (docs/preference.md, gptjax/core/preference.py): one block
+    objective: Literal["lm", "dpo", "reward"] = Field(
+        "lm",
+        description="lm: next-token loss; dpo: DPO on data.source=prefs:PATH against "
+        "train.reference; reward: a Bradley-Terry reward model on prefs:PATH",
+    )
+    reference: str | None = Field(
+        None, description="RUN_DIR[@STEP]: DPO's frozen reference; None: train.init_from"
+    )
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO's beta (the KL penalty's strength)")
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="the share of pairs assumed mislabelled (cDPO)"
+    )
+    dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO's loss, or IPO's")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -385,6 +399,12 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"train.batch_size={self.batch_size} is not divisible by "
                 f"train.micro_batches={self.micro_batches}"
+            )
+        if self.objective != "lm" and self.batch_size % (2 * self.micro_batches):
+            raise ValueError(
+                f"train.objective={self.objective}: train.batch_size={self.batch_size} rows must "
+                f"be 2 per pair in each of the train.micro_batches={self.micro_batches}: make it "
+                f"a multiple of {2 * self.micro_batches}"
             )
         return self
 

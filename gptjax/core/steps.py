@@ -266,17 +266,24 @@ def loss_and_grads(graphdef, params, batch: dict, micro_batches: int, key=None, 
 # --- jitted steps -------------------------------------------------------------------------------
 
 
-def make_train_step(setup: Setup):
-    """jit(state, batch dict) -> (state, metrics); the state is donated."""
+def make_train_step(setup: Setup, objective=None):
+    """jit(state, batch dict) -> (state, metrics); the state is donated. `objective` (e.g.
+    gptjax/core/preference.py's DPO) replaces the language-model loss: its
+    `loss_and_grads(params, batch, micro_batches, key, inputs)` gives (loss, grads, scored
+    tokens, more metrics), `inputs` (sharded by its `shardings`) are passed to every step."""
     cfg, graphdef = setup.cfg, setup.graphdef
     use_dropout = cfg.model.dropout > 0
     segments = cfg.data.packing == "segments"
 
-    def step_fn(state, batch):
+    def step_fn(state, batch, inputs=None):
         params = state["params"]
         key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"]) if use_dropout else None
         M = cfg.train.micro_batches
-        loss, grads, count = loss_and_grads(graphdef, params, batch, M, key, segments)
+        if objective is None:
+            loss, grads, count = loss_and_grads(graphdef, params, batch, M, key, segments)
+            more = {}
+        else:
+            loss, grads, count, more = objective.loss_and_grads(params, batch, M, key, inputs)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
         # A non-finite loss or gradient skips the update (the step still advances, so the data
@@ -294,19 +301,22 @@ def make_train_step(setup: Setup):
             "lr": setup.schedule(state["step"]),
             "skipped": (~finite).astype(jnp.int32),
             "scored_tokens": count,
+            **more,
         }
         return new_state, stats
 
+    extra = () if objective is None else (objective.shardings,)
     jitted = jax.jit(
         step_fn,
-        in_shardings=(setup.state_shardings, setup.batch_shardings),
+        in_shardings=(setup.state_shardings, setup.batch_shardings, *extra),
         out_shardings=(setup.state_shardings, None),
         donate_argnums=0,
     )
+    inputs = () if objective is None else (objective.inputs,)
 
     def run(state, batch):
         with setup.activate():
-            return jitted(state, batch)
+            return jitted(state, batch, *inputs)
 
     run.jitted = jitted  # for ahead-of-time lowering (gptjax plan); lower under setup.activate()
     return run

@@ -359,7 +359,15 @@ def load(cfg: DataConfig, seq_len: int, tokenizer_path=None, max_vocab=None, pro
 def load_dataset(
     cfg: DataConfig, seq_len: int, tokenizer_path=None, max_vocab=None, progress=False
 ):
-    """The data of `cfg`: a Mixture for data.mixture, else pipeline.load_dataset's Dataset."""
+    """The data of `cfg`: a Mixture for data.mixture, preference pairs (prefs.PairData) for
+    `prefs:PATH`, else pipeline.load_dataset's Dataset."""
+    if cfg.mixture is None and cfg.source.partition(":")[0] == "prefs":
+        import gptjax.data.prefs as prefs
+        from gptjax.data.sources import check
+
+        check(cfg)
+        argument = cfg.source.partition(":")[2]
+        return prefs.load(cfg, argument, seq_len, tokenizer_path, max_vocab)
     if cfg.mixture is not None:
         return load(cfg, seq_len, tokenizer_path, max_vocab, progress)
     return pipeline.load_dataset(cfg, seq_len, tokenizer_path, max_vocab, progress)

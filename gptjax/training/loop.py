@@ -21,7 +21,7 @@ from gptjax.data import loader as data_loader
 from gptjax.data import sources
 from gptjax.data import tokenizer as tok
 from gptjax.data.pipeline import cache_root
-from gptjax.training import checkpoint, debug, metrics, runlock, runs
+from gptjax.training import align, checkpoint, debug, metrics, runlock, runs
 from gptjax.training.faults import NonFiniteSteps, PreemptionGuard
 from gptjax.training.monitor import StepMonitor
 
@@ -71,13 +71,14 @@ def _train(cfg: Config, progress: bool, task_eval: TaskEval | None) -> dict[str,
     setup = steps.build(cfg, debug.devices(cfg))  # config/mesh errors first, before the disk
     sources.check(cfg.data)
     init = runs.init_source(cfg) if cfg.train.init_from else None  # (source run, step)
+    reference = align.check(cfg)  # train.objective=dpo: the frozen reference (run, step)
     # a failure before anything is written (a missing data file) removes a new run_dir again
     with runs.new_or_existing(cfg) as run_dir, runlock.hold(run_dir):  # one writer at a time
-        return _run(cfg, setup, run_dir, progress, init, task_eval)
+        return _run(cfg, setup, run_dir, progress, init, task_eval, reference)
 
 
 def _run(
-    cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init, task_eval
+    cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init, task_eval, reference
 ) -> dict[str, Any]:
     lead = jax.process_index() == 0
     data = _open_run(cfg, run_dir, progress and lead, init, lead)
@@ -86,7 +87,8 @@ def _run(
     )
     state, start = _starting_state(cfg, setup, run_dir, ckpt, init, lead)
     monitor = StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
-    train_step = monitor.wrap(steps.make_train_step(setup))
+    objective = align.objective(cfg, setup, run_dir, reference, lead)  # None: the LM loss
+    train_step = monitor.wrap(steps.make_train_step(setup, objective and objective.step))
     eval_step = monitor.wrap(steps.make_eval_step(setup, data.token_bytes), "eval")
     log = _step_logger(cfg, setup, run_dir, start, progress and lead, lead, monitor)
     late = _LateReport(log, NonFiniteSteps(cfg.train.max_bad_steps))
@@ -97,6 +99,8 @@ def _run(
 
     def evaluate(step, params):
         result = steps.evaluate(setup, eval_step, params, data, cfg.train.eval_steps)
+        if objective:  # the held-out pairs
+            result |= objective.evaluate(params, data)
         if task_eval:  # train.eval_tasks, in the same record
             result |= task_eval(setup, params, data.tokenizer, step, run_dir)
         log.eval(step, result)

@@ -128,6 +128,9 @@ class StepLogger:
             if key.startswith("eval/") and key.endswith(("/acc", "/acc_norm"))
         )
         line = f"step {step}: eval loss {result['eval_loss']:.4f}, bpb {result['eval_bpb']:.4f}"
+        if "eval_pref_acc" in result:  # train.objective=dpo | reward: the held-out pairs
+            line += f", pair accuracy {result['eval_pref_acc']:.4f}"
+            line += f", margin {result['eval_pref_margin']:.4f}"
         self.say(line + tasks)
         self.restart_window()
 

@@ -14,6 +14,8 @@
 
 A conversation source (`conversations=True`) yields documents whose text is a conversation as
 JSON (gptjax/data/chat.py): they are rendered with the chat template and packed with a loss mask.
+A pairs source (`pairs=True`: `prefs`) is read by gptjax/data/prefs.py: one row per reply, never
+packed, so any data.packing does.
 
 Adding a source is one new module in this folder and one entry below.
 """
@@ -34,6 +36,7 @@ class Source:
     argument: str | None  # what follows "NAME:" (None: the source takes no argument)
     summary: str
     conversations: bool = False  # documents are JSON conversations (chat template, loss mask)
+    pairs: bool = False  # preference pairs (gptjax/data/prefs.py), not documents: never packed
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -74,6 +77,13 @@ SOURCES: dict[str, Source] = {
         "7,168 two-person conversations from the PyPI package chitchat-dataset (MIT)",
         conversations=True,
     ),
+    "prefs": Source(
+        "gptjax.data.prefs",
+        "PATH",
+        'JSONL preference pairs {"messages", "chosen", "rejected"} (train.objective=dpo|reward)',
+        conversations=True,
+        pairs=True,
+    ),
 }
 
 
@@ -110,7 +120,12 @@ def check(cfg: DataConfig) -> None:
     """The data settings a source needs, before anything is read or written: the source is
     known and, for conversations, packed as segments (so they never attend to each other)."""
     entry, _ = parse(cfg.source)
-    if entry.conversations and cfg.packing != "segments":
+    if entry.pairs and cfg.mixture is not None:
+        raise DataError(f"data.source={cfg.source}: preference pairs cannot be in a data.mixture")
+    for part in [p.source for p in cfg.mixture or []]:
+        if SOURCES.get(part.partition(":")[0], _PLAIN).pairs:
+            raise DataError(f"data.mixture: {part} holds preference pairs, not documents")
+    if entry.conversations and not entry.pairs and cfg.packing != "segments":
         raise DataError(
             f"data.source={cfg.source} holds conversations: set data.packing=segments so "
             "packed conversations never attend to each other"
