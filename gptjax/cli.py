@@ -17,6 +17,7 @@ from gptjax.config import ConfigError
 from gptjax.data import DataError
 from gptjax.errors import UserError
 from gptjax.experiments.cli import add_arguments as add_sweep_arguments
+from gptjax.inference.feedback import add_flags as feedback_flags
 from gptjax.inference.settings import DEFAULT, Finish, Settings
 from gptjax.tools.launch import add_arguments as add_launch_arguments
 
@@ -167,7 +168,7 @@ def _chat(args) -> int:
 
 
 def _serve(args) -> int:
-    from gptjax.inference import access, serve
+    from gptjax.inference import access, feedback, serve
 
     keys = access.load_keys(args.api_key, args.api_key_file, os.environ)
     limits = access.Limits(
@@ -192,6 +193,7 @@ def _serve(args) -> int:
         allow_unauthenticated=args.allow_unauthenticated,
         limits=limits,
         quant=args.quantize,
+        feedback=feedback.options(args),
     )
 
 
@@ -453,6 +455,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     _add_serve_flags(p)
+    feedback_flags(p)
     _add_model_flags(p, "generate")
     p.set_defaults(run=_serve)
 

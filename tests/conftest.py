@@ -79,10 +79,17 @@ def run_processes(args_per_rank: list[list[str]], timeout: float = 240) -> list[
 
 
 @contextlib.contextmanager
-def served(run_dir, env: dict | None = None):
-    """`gptjax serve RUN_DIR --port 0` in a subprocess; yields its base URL once it serves."""
+def served(run_dir, env: dict | None = None, args=()):
+    """`gptjax serve RUN_DIR --port 0 ARGS` in a subprocess; yields its base URL once it serves."""
+    with served_process(run_dir, env, args) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def served_process(run_dir, env: dict | None = None, args=()):
+    """As `served`, yielding (base URL, the server's Popen)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "gptjax", "serve", str(run_dir), "--port", "0"],
+        [sys.executable, "-m", "gptjax", "serve", str(run_dir), "--port", "0", *args],
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -95,7 +102,7 @@ def served(run_dir, env: dict | None = None):
                 break
         found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
         assert found, f"the server did not start: {line!r}"
-        yield f"http://127.0.0.1:{found.group(1)}"
+        yield f"http://127.0.0.1:{found.group(1)}", process
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -2,8 +2,10 @@
 OpenAI-compatible server driven by the official `openai` client, and `gptjax chat` in a
 pseudo-terminal. The oracle for every reply is the same greedy generation run in this process."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,9 +15,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, served, tiny_config
+from conftest import ROOT, served, served_process, tiny_config
 
-from gptjax.inference import access, generate, serve
+from gptjax.inference import access, feedback, generate, serve
 from gptjax.inference.chatbot import Chatbot, ContextError, Settings
 from gptjax.training import loop
 
@@ -217,15 +219,13 @@ KEYS = ("first-key-0123", "second-key-4567")
 LIMITS = access.Limits(max_body_bytes=4096, max_prompts=2, max_stops=2, body_timeout=1.0)
 
 
-@pytest.fixture(scope="module")
-def guarded(bot):
-    """The app with two keys and small limits, served by uvicorn in a thread of this process
-    (the `bot` fixture's model: nothing more to load or compile); yields its base URL."""
+@contextlib.contextmanager
+def in_process(app):
+    """`app` served by uvicorn in a thread of this process; yields its base URL."""
     import uvicorn
 
     sock = serve.listen("127.0.0.1", 0)
-    config = uvicorn.Config(serve.make_app(bot, KEYS, LIMITS), log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -238,6 +238,14 @@ def guarded(bot):
     yield url
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def guarded(bot):
+    """The app with two keys and small limits, served in this process (the `bot` fixture's
+    model: nothing more to load or compile); yields its base URL."""
+    with in_process(serve.make_app(bot, KEYS, LIMITS)) as url:
+        yield url
 
 
 def call(url, body=None, key=None, method=None, headers=()) -> tuple[int, dict, dict]:
@@ -442,6 +450,169 @@ def test_a_public_host_without_a_key_is_refused_unless_allowed():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("gptjax: error: --host 0.0.0.0 lets other machines use")
     assert result.stderr.count("\n") == 1
+
+
+# --- feedback: served replies -> preference pairs (gptjax/inference/feedback.py) ----------------
+
+QUESTION = [{"role": "user", "content": "open a file"}]
+
+
+@contextlib.contextmanager
+def feedback_server(bot, directory, **options):
+    """The app with KEYS (default limits) and its feedback in `directory`; yields the URL."""
+    kept = feedback.Feedback(feedback.FeedbackOptions(directory, **options), bot.run_dir, "t")
+    with in_process(serve.make_app(bot, KEYS, feedback=kept)) as url:
+        yield url
+
+
+def chat_reply(url, key=KEYS[0], **settings) -> tuple[str, str]:
+    """(id, reply) of a chat completion of QUESTION."""
+    body = {"messages": QUESTION, "max_tokens": 3, "temperature": 0, **settings}
+    status, answer, _ = call(url + "/v1/chat/completions", json.dumps(body), key)
+    assert status == 200
+    return answer["id"], answer["choices"][0]["message"]["content"]
+
+
+def post_feedback(url, body, key=KEYS[0]) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    status, answer, _ = call(url + "/v1/feedback", data, key)
+    return status, answer
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_32_concurrent_feedback_posts_all_land_exactly_once(bot, tmp_path):
+    with feedback_server(bot, tmp_path) as url:
+        served = [chat_reply(url) for _ in range(32)]
+        bodies = [{"id": id_, "preferred": f"better {i}"} for i, (id_, _) in enumerate(served)]
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda body: post_feedback(url, body), bodies))
+    assert all(status == 200 and answer["pairs"] == 1 for status, answer in answers), answers
+    pairs = lines(tmp_path / "prefs.jsonl")
+    assert sorted(p["chosen"] for p in pairs) == sorted(b["preferred"] for b in bodies)
+    by_chosen = {p["chosen"]: p for p in pairs}
+    for (id_, reply), body in zip(served, bodies, strict=True):
+        pair = by_chosen[body["preferred"]]
+        assert pair["messages"] == QUESTION and pair["rejected"] == reply
+        assert pair["rejected_id"] == id_ and pair["source"] == "feedback:preferred"
+
+
+def test_ratings_pair_each_good_reply_with_each_bad_one_once(bot, tmp_path):
+    with feedback_server(bot, tmp_path) as url:
+        replies = {}  # four different replies to the same question (seeds found in order)
+        for seed in range(100):
+            id_, reply = chat_reply(url, temperature=1.0, seed=seed)
+            if reply not in replies.values():
+                replies[id_] = reply
+            if len(replies) == 4:
+                break
+        (g1, g2, b1, b2) = replies
+        got = [
+            post_feedback(url, {"id": i, "rating": r})
+            for i, r in [(g1, "good"), (g2, 1), (b1, "bad"), (b2, -1)]
+        ]
+        assert [(s, a["pairs"]) for s, a in got] == [(200, 0), (200, 0), (200, 2), (200, 2)]
+        assert post_feedback(url, {"id": b2, "rating": "bad"})[1]["pairs"] == 0  # a retry
+        status, answer = post_feedback(url, {"id": g1, "rating": "bad"})
+        assert status == 409 and answer["error"]["code"] == "already_rated"
+    pairs = lines(tmp_path / "prefs.jsonl")
+    expected = {(replies[g], replies[b]) for g in (g1, g2) for b in (b1, b2)}
+    assert sorted((p["chosen"], p["rejected"]) for p in pairs) == sorted(expected)
+    assert all(p["messages"] == QUESTION for p in pairs)
+    ratings = lines(tmp_path / "ratings" / "ratings.jsonl")
+    assert [(r["id"], r["rating"], r["reply"]) for r in ratings] == [
+        (g1, 1, replies[g1]),
+        (g2, 1, replies[g2]),
+        (b1, -1, replies[b1]),
+        (b2, -1, replies[b2]),
+    ]
+    # read back after a restart: the pairs are known (none again), the ratings still pair
+    store = feedback.Store(tmp_path, 10**6)
+    again = feedback.Served(g1, feedback.CHAT, {"messages": QUESTION}, replies[g1])
+    assert store.rate(again, 1) == [] and len(lines(tmp_path / "prefs.jsonl")) == 4
+    other = feedback.Served("x-1", feedback.CHAT, {"messages": QUESTION}, "a new reply")
+    assert {p["rejected"] for p in store.rate(other, 1)} == {replies[b1], replies[b2]}
+    # the cap: feedback that would pass it is refused whole, nothing of it written
+    size = store.size
+    full = feedback.Store(tmp_path, size + 10)
+    with pytest.raises(feedback.Refused, match="full") as refused:
+        full.prefer(again, "a long preferred reply")
+    assert refused.value.status == 413 and full.size == size
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*.jsonl")) == size
+
+
+def test_malformed_feedback_is_4xx_json_and_the_server_keeps_serving(bot, tmp_path):
+    with feedback_server(bot, tmp_path) as url:
+        id_, reply = chat_reply(url)
+        body = {"prompt": "import os\n", "max_tokens": 3, "temperature": 0, "logprobs": 1}
+        scored = call(url + "/v1/completions", json.dumps(body), KEYS[0])[1]["id"]
+        cases = [
+            (b"{not json", 400, None),
+            ("[1, 2]", 400, None),
+            ({"rating": "good"}, 400, "id"),
+            ({"id": 7, "rating": "good"}, 400, "id"),
+            ({"id": id_}, 400, None),
+            ({"id": id_, "rating": "good", "preferred": "x"}, 400, None),
+            ({"id": "chatcmpl-" + "0" * 32, "rating": "good"}, 404, "id"),
+            ({"id": scored, "rating": "good"}, 404, "id"),  # scored: not a reply to rate
+            ({"id": id_, "rating": "meh"}, 400, "rating"),
+            ({"id": id_, "rating": True}, 400, "rating"),
+            ({"id": id_, "rating": [1]}, 400, "rating"),
+            ({"id": id_, "preferred": ""}, 400, "preferred"),
+            ({"id": id_, "preferred": reply}, 400, None),
+            ({"id": id_, "preferred": "ok <|end|>"}, 400, "preferred"),
+            ({"id": id_, "preferred": "x" * 70_000}, 413, None),
+        ]
+        for body, status, param in cases:
+            got, answer = post_feedback(url, body)
+            assert got == status, (body, answer)
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+            assert answer["error"]["param"] == param and answer["error"]["type"] == (
+                "invalid_request_error"
+            )
+            good_completion(url)
+        for key in (None, "wrong"):  # behind the key like every /v1 route
+            got, answer = post_feedback(url, {"id": id_, "rating": "good"}, key)
+            assert got == 401 and answer["error"]["code"] == "invalid_api_key"
+        assert not (tmp_path / "prefs.jsonl").exists()  # nothing written by any of them
+        # a streamed chat reply and a plain completion are remembered too
+        body = {"messages": QUESTION, "max_tokens": 3, "temperature": 0, "stream": True}
+        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS[1], max_retries=0, timeout=300)
+        chunks = list(keyed.chat.completions.create(model="t", **body))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert post_feedback(url, {"id": chunks[0].id, "preferred": "yes!"})[0] == 200
+        done = keyed.completions.create(model="t", prompt="import os\n", max_tokens=3)
+        assert post_feedback(url, {"id": done.id, "preferred": "import sys"})[0] == 200
+    (pair,) = lines(tmp_path / "prefs.jsonl")
+    assert (pair["messages"], pair["chosen"], pair["rejected"]) == (QUESTION, "yes!", streamed)
+    (pair,) = lines(tmp_path / "completions" / "prefs.jsonl")
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == (
+        "import os\n",
+        "import sys",
+        done.choices[0].text,
+    )
+
+
+def test_kill_9_right_after_acknowledgements_loses_none(run_dir, tmp_path):
+    with served_process(run_dir, args=["--feedback-dir", str(tmp_path)]) as (url, process):
+        served = [chat_reply(url, key=None) for _ in range(8)]
+        for i, (id_, _) in enumerate(served):
+            assert post_feedback(url, {"id": id_, "preferred": f"better {i}"}, None)[0] == 200
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    pairs = lines(tmp_path / "prefs.jsonl")
+    assert [(p["rejected_id"], p["chosen"]) for p in pairs] == [
+        (id_, f"better {i}") for i, (id_, _) in enumerate(served)
+    ]
+    # a line torn by a crash (never acknowledged) is cut off when the files are opened again
+    whole = (tmp_path / "prefs.jsonl").read_bytes()
+    with open(tmp_path / "prefs.jsonl", "ab") as file:
+        file.write(b'{"messages": [{"role": "us')
+    store = feedback.Store(tmp_path, 10**6)
+    assert (tmp_path / "prefs.jsonl").read_bytes() == whole and store.size == len(whole)
+    assert len(store.pairs) == 8
 
 
 # --- the terminal -------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
                                  echo, logprobs, max_tokens 0 (gptjax/inference/completions.py)
     GET  /tokenizer_info, POST /tokenize, /detokenize   the run's tokenizer (vLLM's shapes, which
                                  lm-eval's local-completions detects and uses)
+    POST /v1/feedback            a rating of a reply this server gave, or a preferred reply ->
+                                 preference pairs in RUN/feedback (gptjax/inference/feedback.py)
 
 `stream: true` sends server-sent events (`data: {chunk}` ... `data: [DONE]`) as tokens are
 generated, in OpenAI's chunk format. Supported request fields: model (any name; the run's is
@@ -43,6 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import uvicorn
@@ -59,6 +62,7 @@ from gptjax.inference import generate
 from gptjax.inference.access import DEFAULT_LIMITS, Guard, Limits, exposure
 from gptjax.inference.chatbot import Chatbot, Piece
 from gptjax.inference.completions import Completions
+from gptjax.inference.feedback import Feedback, FeedbackOptions
 from gptjax.inference.settings import TOKENS_PER_CALL, ContextError, Settings, check_context
 
 _DONE = object()
@@ -221,15 +225,23 @@ def _explain(error: RequestValidationError) -> tuple[str, str | None]:
 # --- the app ------------------------------------------------------------------------------------
 
 
-def make_app(bot: Chatbot, keys: Iterable[str] = (), limits: Limits = DEFAULT_LIMITS) -> FastAPI:
-    """The app; with `keys`, every path but /health needs one (gptjax/inference/access.py)."""
+def make_app(
+    bot: Chatbot,
+    keys: Iterable[str] = (),
+    limits: Limits = DEFAULT_LIMITS,
+    feedback: Feedback | None = None,
+) -> FastAPI:
+    """The app; with `keys`, every path but /health needs one (gptjax/inference/access.py);
+    `feedback`: where /v1/feedback keeps what it is told (default: RUN/feedback)."""
     app = FastAPI(title="gptjax", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, keys=tuple(keys), limits=limits)
     worker = Worker()
+    feedback = feedback or Feedback(FeedbackOptions(), bot.run_dir, bot.name)
     _add_error_handlers(app)
     _add_info_routes(app, bot, worker)
-    _add_generation_routes(app, bot, worker, _Requests(bot, limits))
+    _add_generation_routes(app, bot, worker, _Requests(bot, limits), feedback)
     _add_tokenizer_routes(app, bot)
+    feedback.add_route(app)
     return app
 
 
@@ -328,8 +340,11 @@ def _add_info_routes(app: FastAPI, bot: Chatbot, worker: Worker) -> None:
         return {"object": "list", "data": [entry]}
 
 
-def _add_generation_routes(app: FastAPI, bot: Chatbot, worker: Worker, requests: _Requests):
-    """/v1/chat/completions and /v1/completions (generated, or scored by `Completions`)."""
+def _add_generation_routes(
+    app: FastAPI, bot: Chatbot, worker: Worker, requests: _Requests, feedback: Feedback
+):
+    """/v1/chat/completions and /v1/completions (generated, or scored by `Completions`); the
+    generated replies are remembered for /v1/feedback."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -344,6 +359,7 @@ def _add_generation_routes(app: FastAPI, bot: Chatbot, worker: Worker, requests:
         chosen = requests.settings(body, requests.room(prompt_tokens, asked))
         pieces = worker.submit(lambda: bot.reply(messages, chosen, ids))
         reply = Reply("chat.completion", "chatcmpl", bot.name, prompt_tokens)
+        pieces = feedback.track(pieces, reply.id, messages=messages)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return _sse(reply.chat_chunks(pieces, usage))
@@ -391,6 +407,7 @@ def _add_generation_routes(app: FastAPI, bot: Chatbot, worker: Worker, requests:
         chosen = requests.settings(body, requests.room(prompt_tokens, body.max_tokens))
         pieces = worker.submit(lambda: bot.complete(prompt, chosen, ids))
         reply = Reply("text_completion", "cmpl", bot.name, prompt_tokens)
+        pieces = feedback.track(pieces, reply.id, prompt=prompt)
         echo = prompt if body.echo else ""
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
@@ -523,10 +540,13 @@ def serve(
     allow_unauthenticated: bool = False,
     limits: Limits = DEFAULT_LIMITS,
     quant: str | None = None,
+    feedback: FeedbackOptions | None = None,
 ) -> int:
     keys = tuple(keys)
     limits.check()
     warning = exposure(host, keys, allow_unauthenticated)  # before binding or loading anything
+    name = Path(run_dir).resolve().name
+    kept = Feedback(feedback or FeedbackOptions(), run_dir, name)  # its files read back first
     sock = listen(host, port)  # before loading: a taken port fails at once
     bot = Chatbot(run_dir, step, chunk, devices, mesh, quant)
     for _ in bot.reply([{"role": "user", "content": "hi"}], Settings(max_new_tokens=2)):
@@ -540,7 +560,7 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    app = make_app(bot, keys, limits)
+    app = make_app(bot, keys, limits, kept)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=limits.keep_alive)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
