@@ -546,8 +546,6 @@ def test_ratings_pair_each_good_reply_with_each_bad_one_once(bot, tmp_path):
 def test_malformed_feedback_is_4xx_json_and_the_server_keeps_serving(bot, tmp_path):
     with feedback_server(bot, tmp_path) as url:
         id_, reply = chat_reply(url)
-        body = {"prompt": "import os\n", "max_tokens": 3, "temperature": 0, "logprobs": 1}
-        scored = call(url + "/v1/completions", json.dumps(body), KEYS[0])[1]["id"]
         cases = [
             (b"{not json", 400, None),
             ("[1, 2]", 400, None),
@@ -556,7 +554,6 @@ def test_malformed_feedback_is_4xx_json_and_the_server_keeps_serving(bot, tmp_pa
             ({"id": id_}, 400, None),
             ({"id": id_, "rating": "good", "preferred": "x"}, 400, None),
             ({"id": "chatcmpl-" + "0" * 32, "rating": "good"}, 404, "id"),
-            ({"id": scored, "rating": "good"}, 404, "id"),  # scored: not a reply to rate
             ({"id": id_, "rating": "meh"}, 400, "rating"),
             ({"id": id_, "rating": True}, 400, "rating"),
             ({"id": id_, "rating": [1]}, 400, "rating"),
@@ -613,6 +610,31 @@ def test_kill_9_right_after_acknowledgements_loses_none(run_dir, tmp_path):
     store = feedback.Store(tmp_path, 10**6)
     assert (tmp_path / "prefs.jsonl").read_bytes() == whole and store.size == len(whole)
     assert len(store.pairs) == 8
+
+
+def test_a_failed_feedback_write_keeps_nothing_of_it(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) is a 500 and leaves the file as it was."""
+    store = feedback.Store(tmp_path, 10**6)
+    served = feedback.Served("cmpl-1", feedback.COMPLETION, {"prompt": "p"}, "r")
+    store.prefer(served, "first")
+    before = (tmp_path / "completions" / "prefs.jsonl").read_bytes()
+    write = os.write
+
+    def half(fd, data):
+        write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(feedback.os, "write", half)
+    with pytest.raises(feedback.Refused, match="No space left") as refused:
+        store.prefer(served, "second")
+    assert refused.value.status == 500
+    assert (tmp_path / "completions" / "prefs.jsonl").read_bytes() == before
+    monkeypatch.setattr(feedback.os, "write", write)
+    assert len(store.prefer(served, "second")) == 1
+    assert [p["chosen"] for p in lines(tmp_path / "completions" / "prefs.jsonl")] == [
+        "first",
+        "second",
+    ]
 
 
 # --- the terminal -------------------------------------------------------------------------------

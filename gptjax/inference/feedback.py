@@ -38,6 +38,7 @@ in OpenAI's shape; the route sits behind the API key like every path but /health
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -261,20 +262,31 @@ class Store:
                 None,
                 "feedback_full",
             )
-        synced = set()
-        for name, data in encoded:
-            fd = self._fd(name)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a second server on this directory waits
-            try:
-                view = memoryview(data)
-                while view:  # one write per line on a regular file; a short write continues
-                    view = view[os.write(fd, view) :]
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            self.size += len(data)
-            synced.add(fd)
-        for fd in synced:
-            os.fsync(fd)
+        starts: dict[int, int] = {}  # each file's length before this feedback
+        try:
+            for name, data in encoded:
+                fd = self._fd(name)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a second server on this directory waits
+                try:
+                    starts.setdefault(fd, os.fstat(fd).st_size)
+                    view = memoryview(data)
+                    while view:  # one write per line on a regular file; a short write goes on
+                        view = view[os.write(fd, view) :]
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            for fd in starts:
+                os.fsync(fd)
+        except OSError as error:  # e.g. the disk is full: none of it acknowledged, none kept
+            for fd, start in starts.items():
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            raise Refused(
+                500,
+                f"cannot write feedback in {self.directory}: {error.strerror or error}",
+                None,
+                "write_failed",
+            ) from None
+        self.size += size
         for _, record in lines:
             if "chosen" in record:
                 self.pairs.add(self._pair_digest(record))
@@ -290,7 +302,10 @@ class Store:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as error:
             raise Refused(
-                500, f"cannot write feedback to {path}: {error.strerror or error}", None, "io"
+                500,
+                f"cannot write feedback to {path}: {error.strerror or error}",
+                None,
+                "write_failed",
             ) from None
         if new:  # the new name itself durable: sync the directories made or changed
             for directory in {*made, path.parent}:
