@@ -295,6 +295,25 @@ def _data_prepare(args) -> int:
     return 0
 
 
+def _prefs_build(args) -> int:
+    """`gptjax prefs build SOURCE --out FILE`: offline preference pairs (docs/preference.md)."""
+    from gptjax.data import prefs
+
+    if args.rejected == "sample" and not args.run:
+        raise ConfigError("--rejected sample needs --run RUN (the model whose replies lose)")
+    conversations = prefs.conversations_of(args.source)
+    pairs = prefs.from_conversations(conversations, args.pair_seed, args.history, args.max_pairs)
+    dropped = 0
+    if args.rejected == "sample":
+        from gptjax.inference import pairs as sampled_pairs
+
+        pairs, dropped = sampled_pairs.sampled(args.run, pairs, _settings(args))
+    prefs.write(args.out, pairs)
+    summary = {"out": str(args.out), "pairs": len(pairs), "conversations": len(conversations)}
+    print(json.dumps({**summary, "rejected": args.rejected, "dropped": dropped}))
+    return 0
+
+
 def _data_plan(args) -> int:
     from gptjax import config
     from gptjax.config import MixtureSource
@@ -581,6 +600,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=1000")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_data_plan)
+
+    p = commands.add_parser("prefs", help="preference pairs: `prefs build SOURCE --out FILE`")
+    prefs_commands = p.add_subparsers(dest="prefs_command", required=True)
+    p = prefs_commands.add_parser(
+        "build", help="pairs from conversations: chosen the real reply, rejected another's"
+    )
+    p.add_argument("source", help="a conversation source: chitchat or chat:PATH")
+    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.add_argument(
+        "--rejected",
+        choices=("other", "sample"),
+        default="other",
+        help="other: a reply from another conversation; sample: --run's own reply",
+    )
+    p.add_argument("--run", default=None, help="--rejected sample: the run that answers")
+    p.add_argument("--history", type=int, default=3, help="messages kept before the reply")
+    p.add_argument("--max-pairs", type=int, default=None, help="default: one per conversation")
+    p.add_argument("--pair-seed", type=int, default=0, help="draws the turns and rejections")
+    _add_generation_flags(p, "per sampled reply")
+    p.set_defaults(run=_prefs_build, max_new_tokens=48)
 
     p = commands.add_parser(
         "sweep", help="scaling experiments: sweep plan|run|status|report|fit|emit SPEC"

@@ -354,3 +354,35 @@ def test_a_missing_reference_is_refused_before_anything_is_written(sft_run, tmp_
     with pytest.raises(ConfigError, match="train.reference=.*is not a run directory"):
         loop.train(cfg, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_pairs_built_from_conversations(tmp_path):
+    """Chosen: the real reply after the conversation so far; rejected: another conversation's
+    reply; the file is what data.source=prefs reads."""
+    rng = np.random.default_rng(0)
+    convs = []
+    for c in range(30):
+        messages = [{"role": "system", "content": "Be kind."}] if c % 5 == 0 else []
+        for t in range(int(rng.integers(1, 5))):
+            messages.append({"role": "user", "content": f"c{c} user {t}"})
+            messages.append({"role": "assistant", "content": f"c{c} reply {t}"})
+        convs.append(messages)
+    convs.append([{"role": "user", "content": "nobody answers"}])  # no pair
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    built = prefs.from_conversations(prefs.conversations_of(f"chat:{path}"), seed=1, history=3)
+    assert len(built) == 30
+    assert built == prefs.from_conversations(convs, seed=1, history=3)  # seeded
+    for pair in built:
+        c = int(pair["chosen"].split()[0][1:])
+        messages = convs[c]
+        turn = next(i for i, m in enumerate(messages) if m["content"] == pair["chosen"])
+        system = messages[:1] if c % 5 == 0 else []
+        kept = pair["messages"][len(system) :]
+        assert pair["messages"][: len(system)] == system
+        assert kept == messages[turn - len(kept) : turn] and 1 <= len(kept) <= 3
+        assert kept[0]["role"] == "user" and kept[-1]["role"] == "user"
+        assert pair["rejected"].endswith(tuple(f"reply {t}" for t in range(4)))
+        assert not pair["rejected"].startswith(f"c{c} ")  # another conversation's
+    out = prefs.write(tmp_path / "pairs.jsonl", built)
+    assert [p.chosen for p in prefs.read(str(out))] == [p["chosen"] for p in built]

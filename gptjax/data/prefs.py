@@ -38,6 +38,7 @@ import numpy as np
 
 import gptjax.data.chat as chat
 import gptjax.data.tokenizer as tok
+from gptjax import atomic
 from gptjax.config import DataConfig
 from gptjax.data.corpus import DataError
 
@@ -239,3 +240,68 @@ def load(cfg: DataConfig, argument: str, seq_len: int, tokenizer_path, max_vocab
     return PairData(
         tokenizer, Rows(tt, tm), Rows(vt, vm), tokenizer.token_bytes(), Path(argument), meta
     )
+
+
+# --- pairs from conversations (`gptjax prefs build`) --------------------------------------------
+
+
+def conversations_of(source: str) -> list[list[dict]]:
+    """The conversations of a conversation source (`chitchat`, `chat:PATH`), in its order."""
+    from gptjax.data.sources import parse
+
+    entry, argument = parse(source)
+    if not entry.conversations or entry.pairs:
+        raise DataError(f"{source}: not a conversation source; use chitchat or chat:PATH")
+    return [chat.from_json(text) for _, text in entry.load().documents(argument)()]
+
+
+def from_conversations(
+    conversations: list[list[dict]], seed: int = 0, history: int = 3, max_pairs: int | None = None
+) -> list[dict]:
+    """Offline pairs, one per conversation with an assistant turn that answers a user: the turn
+    is drawn at random (seeded); `messages` are the (at most `history`) messages before it,
+    starting at a user message (a system message first is kept); `chosen` is the real reply,
+    `rejected` an assistant reply drawn from another conversation. Pairs whose two replies are
+    equal, or empty, are skipped."""
+    rng = np.random.default_rng(seed)
+    replies = [
+        (c, m["content"])
+        for c, messages in enumerate(conversations)
+        for m in messages
+        if m["role"] == "assistant" and m["content"].strip()
+    ]
+    if len({c for c, _ in replies}) < 2:
+        raise DataError("pairs need assistant replies in at least two conversations")
+    out = []
+    for c, messages in enumerate(conversations):
+        turns = [
+            i
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant" and i > 0 and messages[i - 1]["role"] == "user"
+        ]
+        if not turns:
+            continue
+        turn = turns[int(rng.integers(len(turns)))]
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        before = messages[len(system) : turn][-history:]
+        while before and before[0]["role"] != "user":
+            before = before[1:]
+        while True:  # a reply of another conversation
+            other, rejected = replies[int(rng.integers(len(replies)))]
+            if other != c:
+                break
+        chosen = messages[turn]["content"]
+        if not chosen.strip() or chosen == rejected:
+            continue
+        out.append({"messages": system + before, "chosen": chosen, "rejected": rejected})
+        if max_pairs is not None and len(out) >= max_pairs:
+            break
+    return out
+
+
+def write(path: str | Path, pairs: list[dict]) -> Path:
+    """The pairs as JSONL (the format `read` checks), written atomically."""
+    path = Path(path)
+    text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    atomic.write_file(path, text)
+    return path
