@@ -77,6 +77,63 @@ class RopeScaling(_Section):
         return self
 
 
+class MoEConfig(_Section):
+    """A mixture-of-experts MLP (docs/models.md "Mixture of experts"): a linear router picks
+    `top_k` of `experts` SwiGLU experts per token; each token's output is the gate-weighted sum
+    of its experts' outputs. `model.moe` None (the default) is a dense model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experts: int = Field(gt=1, description="E, the experts in each MoE layer")
+    top_k: int = Field(2, gt=0, description="k, the experts each token is routed to")
+    d_ff: int | None = Field(
+        None, gt=0, description="each expert's hidden width; default model.d_ff"
+    )
+    every: int = Field(
+        1,
+        gt=0,
+        description="layer l (from 0) is MoE when (l + 1) % every == 0 (Qwen3's "
+        "decoder_sparse_step)",
+    )
+    dense_layers: tuple[int, ...] = Field(
+        (),
+        description="layers kept dense even where `every` makes them MoE (Qwen3's mlp_only_layers)",
+    )
+    router_bias: bool = Field(False, description="a bias on the router's logits (gpt-oss)")
+    expert_bias: bool = Field(False, description="biases on the experts' matmuls (gpt-oss)")
+    activation: Literal["swiglu", "swiglu_clamped"] = Field(
+        "swiglu",
+        description="swiglu: silu(gate) * up; swiglu_clamped (gpt-oss): gate <= limit, "
+        "|up| <= limit, (up + 1) * gate * sigmoid(alpha * gate)",
+    )
+    limit: float = Field(7.0, gt=0.0, description="swiglu_clamped: the clamp")
+    alpha: float = Field(1.702, gt=0.0, description="swiglu_clamped: the sigmoid's slope")
+    gating: Literal["topk_softmax", "softmax_topk"] = Field(
+        "topk_softmax",
+        description="topk_softmax: softmax over the k chosen logits (gpt-oss, "
+        "Mixtral); softmax_topk: softmax over all experts, then the top k (Qwen3)",
+    )
+    renormalize: bool = Field(
+        True, description="softmax_topk: divide the k gates by their sum (Qwen3 norm_topk_prob)"
+    )
+    aux_loss: float = Field(0.01, ge=0.0, description="load-balancing loss coefficient")
+    z_loss: float = Field(0.001, ge=0.0, description="router z-loss coefficient")
+    capacity_factor: float | None = Field(
+        None,
+        gt=0.0,
+        description="each expert takes at most ceil(capacity_factor * tokens * "
+        "top_k / experts) tokens, the rest dropped; None: dropless",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.experts:
+            raise ValueError(
+                f"model.moe.top_k={self.top_k} exceeds model.moe.experts={self.experts}"
+            )
+        return self
+
+
 def window_of(kind: str) -> int | None:
     """The window W of an attention_pattern entry ("local:W"), None for "dense"."""
     return None if kind == "dense" else int(kind.split(":", 1)[1])
@@ -144,6 +201,7 @@ class ModelConfig(_Section):
         ge=0.0,
         description="> 0: logits = c * tanh(logits / c) (Gemma 2, modded-nanogpt); 0: off",
     )
+    moe: MoEConfig | None = Field(None, description="a mixture-of-experts MLP; None: dense")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -186,7 +244,47 @@ class ModelConfig(_Section):
             raise ValueError(f"model.positions=rope needs an even head size, not {self.head_dim}")
         if self.rope_scaling is not None and self.positions != "rope":
             raise ValueError("model.rope_scaling applies to model.positions=rope")
+        if self.moe is not None:
+            self._check_moe(self.moe)
         return self
+
+    def _check_moe(self, moe: MoEConfig) -> None:
+        bad = [i for i in moe.dense_layers if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(
+                f"model.moe.dense_layers: layer {bad[0]} is not in 0..{self.n_layer - 1}"
+            )
+        if not any(self.moe_layers()):
+            raise ValueError(
+                f"model.moe: no layer is MoE (every={moe.every}, dense_layers="
+                f"{list(moe.dense_layers)}, n_layer={self.n_layer}); set model.moe=null for a "
+                "dense model"
+            )
+
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Whether each layer's MLP is the mixture of experts (all False for a dense model)."""
+        moe = self.moe
+        if moe is None:
+            return (False,) * self.n_layer
+        return tuple(
+            (i + 1) % moe.every == 0 and i not in moe.dense_layers for i in range(self.n_layer)
+        )
+
+    @property
+    def scan_group(self) -> int:
+        """Layers per scan step: the shortest run that repeats both the attention pattern and
+        the MoE/dense layout over the layers (the pattern's length for a uniform layout; up to
+        n_layer when model.moe.dense_layers breaks the period)."""
+        P, L, layout = len(self.attention_pattern), self.n_layer, self.moe_layers()
+        for Q in range(P, L + 1, P):
+            if L % Q == 0 and all(layout[i] == layout[i % Q] for i in range(L)):
+                return Q
+        return L
+
+    @property
+    def expert_ff(self) -> int:
+        """Each expert's hidden width (model.moe.d_ff, default the dense MLP's)."""
+        return (self.moe.d_ff if self.moe else None) or self.ff
 
     @property
     def ff(self) -> int:

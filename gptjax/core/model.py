@@ -24,7 +24,7 @@ from flax import nnx
 
 from gptjax.config import REMATS, ModelConfig
 from gptjax.core import attention as attn
-from gptjax.core import quantize, vocab_loss
+from gptjax.core import moe, quantize, vocab_loss
 from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know it)
     CACHE_AXES,
     Context,
@@ -104,20 +104,38 @@ class Blocks(nnx.Module):
         self.out_w = weight((L, N, H, D), ("layers", "heads", "head_dim", "embed"), residual_std)
         if cfg.attn_out_bias:
             self.out_b = const((L, D), norm)
-        # MLP
+        # MLP: the dense layers' MLPs stacked over the dense layers, the MoE layers' over the
+        # MoE layers (model.moe; every layer is one or the other)
         self.ln2_scale = const((L, D), norm, 1.0)
         if cfg.norm == "layernorm":
             self.ln2_bias = const((L, D), norm)
-        self.fc_w = weight((L, D, F), ("layers", "embed", "mlp"))
-        if cfg.mlp == "swiglu":
-            self.gate_w = weight((L, D, F), ("layers", "embed", "mlp"))
-        if cfg.mlp_bias:
-            self.fc_b = const((L, F), ("layers", "mlp"))
+        L_moe = sum(cfg.moe_layers())
+        L = L - L_moe
+        if L:
+            self.fc_w = weight((L, D, F), ("layers", "embed", "mlp"))
             if cfg.mlp == "swiglu":
-                self.gate_b = const((L, F), ("layers", "mlp"))
-        self.proj_w = weight((L, F, D), ("layers", "mlp", "embed"), residual_std)
-        if cfg.mlp_bias:
-            self.proj_b = const((L, D), norm)
+                self.gate_w = weight((L, D, F), ("layers", "embed", "mlp"))
+            if cfg.mlp_bias:
+                self.fc_b = const((L, F), ("layers", "mlp"))
+                if cfg.mlp == "swiglu":
+                    self.gate_b = const((L, F), ("layers", "mlp"))
+            self.proj_w = weight((L, F, D), ("layers", "mlp", "embed"), residual_std)
+            if cfg.mlp_bias:
+                self.proj_b = const((L, D), norm)
+        if L_moe:
+            L, E, F = L_moe, cfg.moe.experts, cfg.expert_ff
+            self.router_w = weight((L, D, E), ("layers", "embed", "router"))
+            if cfg.moe.router_bias:
+                self.router_b = const((L, E), ("layers", "router"))
+            up = ("layers", "expert", "embed", "mlp")
+            self.expert_up_w = weight((L, E, D, F), up)
+            self.expert_gate_w = weight((L, E, D, F), up)
+            down = ("layers", "expert", "mlp", "embed")
+            self.expert_down_w = weight((L, E, F, D), down, residual_std)
+            if cfg.moe.expert_bias:
+                self.expert_up_b = const((L, E, F), ("layers", "expert", "mlp"))
+                self.expert_gate_b = const((L, E, F), ("layers", "expert", "mlp"))
+                self.expert_down_b = const((L, E, D), ("layers", "expert", "embed"))
 
 
 def norm(x_BTD, scale_D, bias_D, cfg: ModelConfig):
@@ -144,6 +162,9 @@ def _dropout(x, rate: float, key):
 
 # --- one block: attention, then the MLP ---------------------------------------------------------
 
+# The dense MLP's parameters (stacked over the dense layers; model.moe's over the MoE layers)
+DENSE_MLP = ("fc_w", "fc_b", "gate_w", "gate_b", "proj_w", "proj_b")
+
 ACTIVATIONS = {
     "gelu_tanh": lambda h: jax.nn.gelu(h, approximate=True),  # GPT-2's "gelu_new"
     "gelu": lambda h: jax.nn.gelu(
@@ -166,12 +187,16 @@ def mlp(p, h_BTD, cfg: ModelConfig):
     return jnp.einsum("btf,fd->btd", h, p["proj_w"]) + bias("proj_b")
 
 
-def block(p, x_BTD, cfg: ModelConfig, where: Context, window=None, kv=None, key=None):
+def block(
+    p, x_BTD, cfg: ModelConfig, where: Context, window=None, kv=None, key=None, dropless=False
+):
     """One block on one layer's parameters `p` (no layers axis): pre-norm x + f(norm(x)) or
-    post-norm norm(x + f(x)), for attention (`window`: None dense, W local) then the MLP.
+    post-norm norm(x + f(x)), for attention (`window`: None dense, W local) then the MLP (the
+    mixture of experts when `p` holds a router; `dropless` ignores its capacity).
 
     `kv`: (k, v, group) as for attention(). Returns (x [B, T, D], the updated (k, v), or None
-    without a cache)."""
+    without a cache, the MoE layer's figures (moe.AUX_KEYS; zeros for a dense layer, {} in a
+    dense model))."""
     dt = jnp.dtype(cfg.dtype)
     keys = jax.random.split(key, 2) if key is not None else (None, None)
     cast = {name: value.astype(dt) for name, value in p.items()}
@@ -183,9 +208,14 @@ def block(p, x_BTD, cfg: ModelConfig, where: Context, window=None, kv=None, key=
     x_BTD = x_BTD + _dropout(a, cfg.dropout, keys[0])
     x_BTD = constrain(x_BTD if pre else norm1(x_BTD), ("batch", "seq", "embed"))
 
-    m = mlp(cast, norm2(x_BTD) if pre else x_BTD, cfg)
+    h = norm2(x_BTD) if pre else x_BTD
+    if "router_w" in p:
+        router = {name: p[name] for name in ("router_w", "router_b") if name in p}  # kept f32
+        m, aux = moe.moe_mlp(cast | router, h, cfg, dropless=dropless)
+    else:
+        m, aux = mlp(cast, h, cfg), moe.no_aux() if cfg.moe else {}
     x_BTD = x_BTD + _dropout(m, cfg.dropout, keys[1])
-    return constrain(x_BTD if pre else norm2(x_BTD), ("batch", "seq", "embed")), kv
+    return constrain(x_BTD if pre else norm2(x_BTD), ("batch", "seq", "embed")), kv, aux
 
 
 class GPT(nnx.Module):
@@ -235,20 +265,29 @@ class GPT(nnx.Module):
         return norm(x, self.ln_f_scale[...], bias, cfg)
 
     def _layers(self, x, where: Context, cache=None, key=None):
-        """Run every block; returns (x, the updated cache's (k, v) tuples, or None).
+        """Run every block; returns (x, the updated cache's (k, v) tuples, or None, the MoE
+        figures summed over the layers ({} for a dense model)).
 
-        The attention pattern's P places have static windows, so the scan runs over the L/P
-        groups of P consecutive layers (P = 1 for a uniform pattern: one layer a step). The cache
-        travels with the activations (the loop's carry) and each layer writes its new keys and
-        values into it in place. Remat wraps each layer."""
+        The attention pattern's places have static windows and a layer's MLP is dense or the
+        mixture of experts, so the scan runs over groups of Q consecutive layers, Q the shortest
+        run repeating both (model.scan_group; Q = 1 for a uniform dense model: one layer a step).
+        Dense-MLP and MoE parameters are stacked over their own layers, so a group's j-th layer
+        takes the attention slice j and the MLP slice of its kind. The cache travels with the
+        activations (the loop's carry) and each layer writes its new keys and values into it in
+        place; every cached step routes its tokens dropless. Remat wraps each layer."""
         cfg = self.cfg
-        P = len(cfg.attention_pattern)
-        windows = cfg.windows()[:P]
+        P, Q = len(cfg.attention_pattern), cfg.scan_group
+        windows = cfg.windows()[:Q]
+        layout = cfg.moe_layers()[:Q]
+        # a group's layer j: its place in its kind's stack within the group
+        slot = [sum(layout[:j]) if layout[j] else j - sum(layout[:j]) for j in range(Q)]
+        kind = lambda name: "moe" if name in moe.PARAMS else "dense" if name in DENSE_MLP else "all"
+        width = {"all": Q, "moe": sum(layout), "dense": Q - sum(layout)}
         keys = None
         if key is not None and cfg.dropout > 0:
             key, embed_key = jax.random.split(key)
             x = _dropout(x, cfg.dropout, embed_key)
-            keys = jax.random.split(key, cfg.n_layer)
+            keys = {"all": jax.random.split(key, cfg.n_layer)}
         stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
         kv = None if cache is None else tuple(zip(cache["k"], cache["v"], strict=True))
 
@@ -256,52 +295,69 @@ class GPT(nnx.Module):
             # Layer j's slices are taken inside the remat: taken outside, the forward scan would
             # save each layer's parameter slice for the backward pass, a stacked copy of every
             # block parameter (10 GiB per device for GPT-3 175B on 64 GPUs, fsdp 64).
-            pick = lambda tree: None if tree is None else jax.tree.map(lambda a: a[j], tree)
-            return block(pick(p_group), x, cfg, where, windows[j],
-                         None if kv_j is None else (*kv_j, group), pick(keys_group))  # fmt: skip
+            p = {
+                name: a[j if kind(name) == "all" else slot[j]]
+                for name, a in p_group.items()
+                if kind(name) == "all" or (kind(name) == "moe") == layout[j]
+            }
+            layer_key = None if keys_group is None else keys_group["all"][j]
+            return block(p, x, cfg, where, windows[j],
+                         None if kv_j is None else (*kv_j, group), layer_key,
+                         dropless=kv_j is not None)  # fmt: skip
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
 
-        def run_group(x, kv, p_group, keys_group, group):
+        def run_group(x, kv, aux, p_group, keys_group, group):
+            # the cache holds layer g·Q + j at place j % P, entry (g·Q + j) // P
             kv = list(kv) if kv is not None else None
-            for j in range(P):
-                x, new = layer(j, p_group, x, None if kv is None else kv[j], group, keys_group)
+            for j in range(Q):
+                place, entry = j % P, group * (Q // P) + j // P
+                x, new, more = layer(
+                    j, p_group, x, None if kv is None else kv[place], entry, keys_group
+                )
                 if kv is not None:
-                    kv[j] = new
-            return x, None if kv is None else tuple(kv)
+                    kv[place] = new
+                aux = jax.tree.map(jnp.add, aux, more)
+            return x, None if kv is None else tuple(kv), aux
 
-        G = cfg.n_layer // P
-        split = lambda tree: None if tree is None else jax.tree.map(
-            lambda a: a.reshape(G, P, *a.shape[1:]), tree
-        )  # fmt: skip
+        G = cfg.n_layer // Q
+        split = lambda tree: None if tree is None else {
+            name: a.reshape(G, width[kind(name)], *a.shape[1:]) for name, a in tree.items()
+        }  # fmt: skip
         stacked, keys = split(stacked), split(keys)
+        aux = moe.no_aux() if cfg.moe else {}
         if cfg.scan_layers:
 
             def body(carry, group):
-                x, kv = carry
                 p_group, keys_group, index = group
-                return run_group(x, kv, p_group, keys_group, index), None
+                return run_group(*carry, p_group, keys_group, index), None
 
-            (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, keys, jnp.arange(G)))
+            (x, kv, aux), _ = jax.lax.scan(body, (x, kv, aux), (stacked, keys, jnp.arange(G)))
         else:
             for g in range(G):
                 pick = lambda tree, g=g: (
                     None if tree is None else jax.tree.map(lambda a: a[g], tree)
                 )
-                x, kv = run_group(x, kv, pick(stacked), pick(keys), g)
+                x, kv, aux = run_group(x, kv, aux, pick(stacked), pick(keys), g)
         if kv is None:
-            return x, None
-        return x, (tuple(k for k, _ in kv), tuple(v for _, v in kv))
+            return x, None, aux
+        return x, (tuple(k for k, _ in kv), tuple(v for _, v in kv)), aux
 
     def hidden(self, tokens_BT, key=None, *, positions_BT=None, segment_ids_BT=None) -> jax.Array:
         """Final-normed hidden states [B, T, D] in the compute dtype (training, eval).
 
         `positions_BT` None means 0..T-1; `segment_ids_BT` None means one causal sequence per
         row; with segment ids, attention stays inside each segment."""
+        return self.hidden_and_aux(
+            tokens_BT, key, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT
+        )[0]
+
+    def hidden_and_aux(self, tokens_BT, key=None, *, positions_BT=None, segment_ids_BT=None):
+        """(`hidden`, the MoE figures of moe.summarise: {} for a dense model)."""
         x = self._embed(tokens_BT, positions_BT)
-        x, _ = self._layers(x, Context(positions_BT, segment_ids_BT), key=key)
-        return self._final_norm(x)
+        x, _, aux = self._layers(x, Context(positions_BT, segment_ids_BT), key=key)
+        return self._final_norm(x), moe.summarise(aux, self.cfg)
 
     def extend(self, tokens_BT, positions_BT, cache, segment_ids_BT=None, *, last_only=False):
         """Append T tokens to the KV cache (prefill: the prompt; decode: T=1) and return
@@ -314,7 +370,7 @@ class GPT(nnx.Module):
         segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT, (0, index))
         where = Context(positions_BT, segment_ids_BT, index, segments)
         x = self._embed(tokens_BT, positions_BT)
-        x, (k, v) = self._layers(x, where, cache)
+        x, (k, v), _ = self._layers(x, where, cache)
         if last_only:
             x = x[:, -1:]
         h = self._final_norm(x)

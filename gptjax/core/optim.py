@@ -73,8 +73,9 @@ def schedule(
 # --- Muon ---------------------------------------------------------------------------------------
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at zero
-# Axes that stack separate matrices: the scanned layers, and q / k / v of a fused projection.
-BATCH_AXES = ("layers", "qkv")
+# Axes that stack separate matrices: the scanned layers, q / k / v of a fused projection, and the
+# experts of a mixture (expert_up_w [L, E, D, F]: L·E matrices D x F).
+BATCH_AXES = ("layers", "qkv", "expert")
 
 
 class View(NamedTuple):

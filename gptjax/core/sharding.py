@@ -40,6 +40,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "layers": (),
     "positions": (),
+    "router": (),  # the router's logits over the experts (replicated: it is small)
 }
 
 Rules = Mapping[str, tuple[str, ...]]
@@ -58,6 +59,7 @@ SIZE_KEYS = {
     "batch": "the batch",
     "seq": "model.seq_len",
     "expert": "model.moe.experts",
+    "router": "model.moe.experts",
 }
 
 # What to do when an axis does not divide (default: change the model size, the mesh or rules).

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptjax.config import Config, ModelConfig
-from gptjax.core import expert_parallel, model, optim, platform, sharding, vocab_loss
+from gptjax.core import expert_parallel, model, moe, optim, platform, sharding, vocab_loss
 from gptjax.data import batching
 from gptjax.data import loader as data_loader
 
@@ -206,38 +206,58 @@ def token_losses(graphdef, params, batch: dict, key=None, segments: bool = False
 
     `segments` (data.packing=segments): attention stays inside each segment and positions
     restart; otherwise each row is one causal sequence (the fast path, cuDNN-capable)."""
+    return token_losses_and_aux(graphdef, params, batch, key, segments)[0]
+
+
+def token_losses_and_aux(graphdef, params, batch: dict, key=None, segments: bool = False):
+    """(`token_losses`, the MoE router figures: {} for a dense model; gptjax/core/moe.py)."""
     gpt = nnx.merge(graphdef, params)
     cfg = gpt.cfg
     positions = batch["positions"] if segments else None
     segments = batch["segment_ids"] if segments else None
-    h_BTD = gpt.hidden(batch["inputs"], key, positions_BT=positions, segment_ids_BT=segments)
+    h_BTD, aux = gpt.hidden_and_aux(
+        batch["inputs"], key, positions_BT=positions, segment_ids_BT=segments
+    )
     # model.loss_chunk > 0: never hold the full [B, T, V] f32 logits (gptjax/core/vocab_loss.py)
-    return vocab_loss.token_losses(
+    losses = vocab_loss.token_losses(
         h_BTD, gpt.head(), batch["targets"], cfg.loss_chunk, cfg.vocab, cfg.logit_softcap
     )
+    return losses, aux
 
 
 def masked_sum(losses_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     return (losses_BT * mask_BT.astype(jnp.float32)).sum()
 
 
-def loss_and_grads(graphdef, params, batch: dict, micro_batches: int, key=None, segments=False):
-    """(mean loss over scored tokens, its gradient, the number of scored tokens).
+def loss_and_grads(
+    graphdef, params, batch: dict, micro_batches: int, key=None, segments=False, aux=False
+):
+    """(mean loss over scored tokens, its gradient, the number of scored tokens), and with
+    `aux` the MoE router figures (means over the micro-batches; {} for a dense model).
 
     The batch splits into `micro_batches` (row m, m+M, m+2M, ... go to micro-batch m, so every
     device holds part of each); each contributes its masked loss sum divided by the whole
     batch's scored-token count, and the gradients add up in one f32 buffer in a `lax.scan`.
+    An MoE model's gradient also carries its router losses (moe.penalty, per micro-batch / M);
+    the loss returned is the language-model loss alone.
     """
     count = batch["loss_mask"].astype(jnp.float32).sum()
     denominator = jnp.maximum(count, 1.0)
+    model_cfg = nnx.merge(graphdef, params).cfg
 
     def loss_fn(params, micro, key):
-        losses = token_losses(graphdef, params, micro, key, segments)
-        return masked_sum(losses, micro["loss_mask"]) / denominator
+        losses, figures = token_losses_and_aux(graphdef, params, micro, key, segments)
+        lm = masked_sum(losses, micro["loss_mask"]) / denominator
+        figures = jax.tree.map(lambda v: v / micro_batches, figures)
+        return lm + moe.penalty(figures, model_cfg), (lm, figures)
+
+    def value_and_grad(params, micro, key):
+        (_, (lm, figures)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, key)
+        return lm, figures, grads
 
     if micro_batches == 1:
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
-        return loss, grads, count
+        loss, figures, grads = value_and_grad(params, batch, key)
+        return (loss, grads, count, figures) if aux else (loss, grads, count)
 
     def split(a):
         B = a.shape[0]
@@ -246,21 +266,23 @@ def loss_and_grads(graphdef, params, batch: dict, micro_batches: int, key=None, 
     micro_batches_tree = jax.tree.map(split, batch)
 
     def accumulate(carry, xs):
-        loss_sum, grad_sum = carry
+        loss_sum, figures_sum, grad_sum = carry
         index, micro = xs
         micro = {k: sharding.constrain(v, ("batch", None)) for k, v in micro.items()}
         sub_key = None if key is None else jax.random.fold_in(key, index)
-        loss, grads = jax.value_and_grad(loss_fn)(params, micro, sub_key)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        loss, figures, grads = value_and_grad(params, micro, sub_key)
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (loss_sum + loss, add(figures_sum, figures), add(grad_sum, grads)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (loss, grads), _ = jax.lax.scan(
+    no_figures = {name: jnp.zeros((), jnp.float32) for name in moe.summarise_keys(model_cfg)}
+    (loss, figures, grads), _ = jax.lax.scan(
         accumulate,
-        (jnp.zeros((), jnp.float32), zeros),
+        (jnp.zeros((), jnp.float32), no_figures, zeros),
         (jnp.arange(micro_batches), micro_batches_tree),
     )
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return loss, grads, count
+    return (loss, grads, count, figures) if aux else (loss, grads, count)
 
 
 # --- jitted steps -------------------------------------------------------------------------------
@@ -280,8 +302,10 @@ def make_train_step(setup: Setup, objective=None):
         key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"]) if use_dropout else None
         M = cfg.train.micro_batches
         if objective is None:
-            loss, grads, count = loss_and_grads(graphdef, params, batch, M, key, segments)
-            more = {}
+            loss, grads, count, figures = loss_and_grads(
+                graphdef, params, batch, M, key, segments, aux=True
+            )
+            more = {f"moe/{name}": value for name, value in figures.items()}  # model.moe
         else:
             loss, grads, count, more = objective.loss_and_grads(params, batch, M, key, inputs)
         grad_norm = optax.tree.norm(grads)
