@@ -24,7 +24,7 @@ from flax import nnx
 
 from gptjax.config import REMATS, ModelConfig
 from gptjax.core import attention as attn
-from gptjax.core import moe, quantize, vocab_loss
+from gptjax.core import expert_parallel, moe, quantize, vocab_loss
 from gptjax.core.attention import (  # noqa: F401  (the cache, as callers know it)
     CACHE_AXES,
     Context,
@@ -211,7 +211,8 @@ def block(
     h = norm2(x_BTD) if pre else x_BTD
     if "router_w" in p:
         router = {name: p[name] for name in ("router_w", "router_b") if name in p}  # kept f32
-        m, aux = moe.moe_mlp(cast | router, h, cfg, dropless=dropless)
+        sharded = expert_parallel.experts_sharded if expert_parallel.active() else None
+        m, aux = moe.moe_mlp(cast | router, h, cfg, dropless=dropless, experts=sharded)
     else:
         m, aux = mlp(cast, h, cfg), moe.no_aux() if cfg.moe else {}
     x_BTD = x_BTD + _dropout(m, cfg.dropout, keys[1])

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
-from gptjax.core import expert_parallel
 
 # The per-layer parameters of an MoE MLP (the names under "blocks"), and the experts' weight
 # names as `experts_local` takes them (without the "expert_" prefix and "_w" suffix).
@@ -148,17 +147,21 @@ def experts_local(w, x_TD, expert_TK, gate_TK, cfg: ModelConfig, capacity: int |
     return y_TD.astype(x_TD.dtype), dropped
 
 
-def moe_mlp(p, h_BTD, cfg: ModelConfig, *, dropless: bool = False):
+def moe_mlp(p, h_BTD, cfg: ModelConfig, *, dropless: bool = False, experts=None):
     """(y [B, T, D], this layer's {"aux_loss", "z_loss", "dropped", "assigned"}).
 
     The B·T tokens are routed together (a capacity counts them all); `dropless` overrides
-    model.moe.capacity_factor (generation: each token routed on its own, nothing dropped)."""
+    model.moe.capacity_factor (generation: each token routed on its own, nothing dropped).
+    `experts`: experts_local (default) or a function of its signature; the model passes
+    gptjax.core.expert_parallel.experts_sharded on a mesh whose expert axis is > 1 (it imports
+    this module, so this module does not import it)."""
     B, T, D = h_BTD.shape
     x_TD = h_BTD.reshape(B * T, D)
     expert_TK, gate_TK, aux = route(p, x_TD, cfg)
     cap = None if dropless else capacity(B * T, cfg)
-    run = expert_parallel.experts_sharded if expert_parallel.active() else experts_local
-    y_TD, dropped = run(expert_weights(p), x_TD, expert_TK, gate_TK, cfg, cap)
+    y_TD, dropped = (experts or experts_local)(
+        expert_weights(p), x_TD, expert_TK, gate_TK, cfg, cap
+    )
     aux = {**aux, "dropped": dropped.astype(jnp.float32), "assigned": float(B * T * cfg.moe.top_k)}
     return y_TD.reshape(B, T, D), {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
 
