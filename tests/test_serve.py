@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, served, served_process, tiny_config
 
+from gptjax.data import prefs
 from gptjax.inference import access, feedback, generate, serve
 from gptjax.inference.chatbot import Chatbot, ContextError, Settings
 from gptjax.training import loop
@@ -497,6 +498,8 @@ def test_32_concurrent_feedback_posts_all_land_exactly_once(bot, tmp_path):
         pair = by_chosen[body["preferred"]]
         assert pair["messages"] == QUESTION and pair["rejected"] == reply
         assert pair["rejected_id"] == id_ and pair["source"] == "feedback:preferred"
+    read = prefs.read(str(tmp_path / "prefs.jsonl"))  # what `data.source=prefs:` takes
+    assert sorted(p.chosen for p in read) == sorted(b["preferred"] for b in bodies)
 
 
 def test_ratings_pair_each_good_reply_with_each_bad_one_once(bot, tmp_path):
@@ -521,6 +524,8 @@ def test_ratings_pair_each_good_reply_with_each_bad_one_once(bot, tmp_path):
     expected = {(replies[g], replies[b]) for g in (g1, g2) for b in (b1, b2)}
     assert sorted((p["chosen"], p["rejected"]) for p in pairs) == sorted(expected)
     assert all(p["messages"] == QUESTION for p in pairs)
+    read = prefs.read(str(tmp_path / "prefs.jsonl"))
+    assert sorted((p.chosen, p.rejected) for p in read) == sorted(expected)
     ratings = lines(tmp_path / "ratings" / "ratings.jsonl")
     assert [(r["id"], r["rating"], r["reply"]) for r in ratings] == [
         (g1, 1, replies[g1]),
