@@ -178,9 +178,6 @@ def _serve(args) -> int:
         args.max_tokens,
         args.body_timeout,
         args.keep_alive_timeout,
-        args.max_batch,
-        args.max_queue,
-        args.request_timeout,
     )
     limits.check()
     access.exposure(args.host, keys, args.allow_unauthenticated)  # before loading devices
@@ -432,13 +429,6 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-alive-timeout", type=float, default=limits.keep_alive, help="idle seconds"
     )
-    p.add_argument(
-        "--max-batch", type=int, default=limits.max_batch, help="requests generated together"
-    )
-    p.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting; else 503")
-    p.add_argument(
-        "--request-timeout", type=float, default=limits.request_timeout, help="seconds per request"
-    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -535,7 +525,8 @@ def parser() -> argparse.ArgumentParser:
         "--model-type",
         default=None,
         help="hf: the Hugging Face model_type to write (default: the one that computes the "
-        "block; openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2, qwen3)",
+        "block; openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, "
+        "gpt_oss)",
     )
     p.set_defaults(run=_export)
 
@@ -546,7 +537,7 @@ def parser() -> argparse.ArgumentParser:
         "format",
         choices=("hf",),
         help="hf: a local Hugging Face directory (model_type openai-gpt, gpt2, gpt_neo, llama, "
-        "mistral, qwen2 or qwen3)",
+        "mistral, qwen2, qwen3, mixtral, qwen3_moe or gpt_oss)",
     )
     p.add_argument("directory", help="holds config.json, the weights and the tokenizer")
     p.add_argument("--run-dir", required=True, help="the new run directory (must not exist)")

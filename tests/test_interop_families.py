@@ -97,10 +97,31 @@ def hf_config(kind: str, vocab: int):
             num_key_value_heads=2, head_dim=32, attention_bias=True, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **llama,
         )  # fmt: skip
+    if kind == "mixtral":  # 4 experts, top 2, GQA, an aux-loss coefficient carried
+        return t.MixtralConfig(
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            router_aux_loss_coef=0.02, **llama,
+        )  # fmt: skip
+    if kind == "qwen3_moe":  # layer 0 dense (mlp_only_layers), layer 1 of 4 experts, top 2
+        return t.Qwen3MoeConfig(
+            num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, mlp_only_layers=[0], norm_topk_prob=False, **llama,
+        )  # fmt: skip
+    if kind == "gpt_oss":  # sinks, sliding (5) then full, YaRN, biases, clamped SwiGLU experts
+        rope = {
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 16.0,
+            "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16,
+        }  # fmt: skip
+        return t.GptOssConfig(
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=5, rope_parameters=rope, swiglu_limit=1.5, **llama,
+        )  # fmt: skip
     raise AssertionError(kind)
 
 
 KINDS = ["openai-gpt", "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "qwen3"]
+MOE_KINDS = ["mixtral", "qwen3_moe", "gpt_oss"]
+KINDS += MOE_KINDS
 # the gptjax block each import must arrive at
 EXPECTED = {
     "openai-gpt": dict(norm_placement="post", final_norm=False, mlp="gelu_tanh", norm_eps=1e-6),
@@ -110,17 +131,47 @@ EXPECTED = {
     "mistral": dict(n_kv_head=1, attention_pattern=("local:6",), qkv_bias=False),
     "qwen2": dict(attention_pattern=("dense", "local:5"), qkv_bias=True, attn_out_bias=False),
     "qwen3": dict(qk_norm=True, n_kv_head=2, head_dim=32, qkv_bias=True, attn_out_bias=True),
+    "mixtral": dict(n_kv_head=2, qkv_bias=False, attention_pattern=("dense",)),
+    "qwen3_moe": dict(qk_norm=True, head_dim=32, d_ff=96),
+    "gpt_oss": dict(
+        attention_sinks=True,
+        attention_pattern=("local:5", "dense"),
+        head_dim=16,
+        qkv_bias=True,
+        attn_out_bias=True,
+    ),
+}
+# the mixture of experts each import must arrive at
+EXPECTED_MOE = {
+    "mixtral": dict(experts=4, top_k=2, d_ff=None, gating="topk_softmax", aux_loss=0.02),
+    "qwen3_moe": dict(
+        experts=4, top_k=2, d_ff=32, dense_layers=(0,), gating="softmax_topk", renormalize=False
+    ),
+    "gpt_oss": dict(
+        experts=4,
+        top_k=2,
+        router_bias=True,
+        expert_bias=True,
+        activation="swiglu_clamped",
+        limit=1.5,
+        alpha=1.702,
+        gating="topk_softmax",
+    ),
 }
 SCALING = {
     "llama": dict(type="yarn", factor=4.0, original_max_position=16, beta_fast=16.0),
     "mistral": dict(type="llama3", factor=8.0, original_max_position=16),
+    "gpt_oss": dict(
+        type="yarn", factor=4.0, original_max_position=16, beta_fast=16.0, truncate=False
+    ),
 }
 # gptjax's own greedy decoding (generate: the KV cache, ~5 s of compiling per family) against
 # transformers' generate for the family whose cache differs most from GPT-2's: mistral (every
-# layer a ring of its window, RoPE positions in decode, one key/value head). The cache of windows,
-# GQA, RoPE and sinks is checked against full recompute in tests/test_families.py; here, for all
-# of them, each of transformers' greedy tokens is gptjax's argmax after the same prefix.
-DECODED = ("mistral",)
+# layer a ring of its window, RoPE positions in decode, one key/value head), and gpt_oss (a
+# window, sinks, and every decoded token routed on its own through the experts). The cache of
+# windows, GQA, RoPE and sinks is checked against full recompute in tests/test_families.py; here,
+# for all of them, each of transformers' greedy tokens is gptjax's argmax after the same prefix.
+DECODED = ("mistral", "gpt_oss")
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +259,9 @@ def test_import_matches_transformers(hf_dirs, imported, tokenizer, kind):
     got = setup.cfg.model
     for name, value in EXPECTED[kind].items():
         assert getattr(got, name) == value, name
+    assert (got.moe is not None) == (kind in MOE_KINDS)
+    for name, value in EXPECTED_MOE.get(kind, {}).items():
+        assert getattr(got.moe, name) == value, name
     scaling = got.rope_scaling and got.rope_scaling.model_dump(exclude_defaults=True)
     assert scaling == SCALING.get(kind)
 
@@ -310,17 +364,46 @@ REFUSED = {
         "unexpected tensor layers.0.self_attn.o_proj.bias",
     ),
     "model_type": ("gpt2", _edit_config(model_type="gptj"), "model_type='gptj'"),
+    "quantized": (
+        "mixtral",
+        _edit_config(quantization_config={"quant_method": "gptq", "bits": 4}),
+        "quantization_config.quant_method='gptq'",
+    ),
+    "jitter": ("mixtral", _edit_config(router_jitter_noise=0.1), "router_jitter_noise=0.1"),
+    "shared_expert": (
+        "qwen3_moe",
+        _edit_config(shared_expert_intermediate_size=64),
+        "shared_expert_intermediate_size=64",
+    ),
+    "no_moe_layer": (
+        "qwen3_moe",
+        _edit_config(mlp_only_layers=[0, 1]),
+        "decoder_sparse_step=1 with mlp_only_layers=[0, 1] leaves no MoE layer",
+    ),
+    "mxfp4_half": (
+        "gpt_oss",
+        _edit_tensors(
+            lambda t: t.update(
+                {"model.layers.0.mlp.experts.down_proj_blocks": np.zeros((4, 64, 3, 16), np.uint8)}
+            )
+        ),
+        "MXFP4 tensor layers.0.mlp.experts.down_proj_blocks has no",
+    ),
 }
 
 
-@pytest.mark.parametrize("case", sorted(REFUSED))
+@pytest.mark.parametrize("case", [*sorted(REFUSED), "moe_override"])
 def test_fields_gptjax_cannot_compute_are_one_line(hf_dirs, tmp_path, capsys, case):
-    kind, edit, message = REFUSED[case]
+    """(moe_override: an imported mixture of experts keeps its shape and routing; only its
+    training settings, e.g. model.moe.aux_loss, may be set at import.)"""
+    kind, edit, message = REFUSED.get(case) or ("mixtral", None, "model.moe.top_k comes from")
     directory = tmp_path / "hf"
     shutil.copytree(hf_dirs[kind][0], directory)
-    edit(directory)
+    if edit is not None:
+        edit(directory)
     run = tmp_path / "run"
-    assert cli.main(["import", "hf", str(directory), "--run-dir", str(run)]) == 2
+    extra = ["model.moe.aux_loss=0.1", "model.moe.top_k=1"] if case == "moe_override" else []
+    assert cli.main(["import", "hf", str(directory), "--run-dir", str(run), *extra]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gptjax: error: "), lines
     assert message in lines[0]
@@ -351,8 +434,28 @@ LLAMA = dict(
         ),
         (LLAMA, ["--model-type", "gpt2"], "the nearest, gpt2, cannot compute model.norm='rmsnorm'"),
         (LLAMA, ["--model-type", "bert"], "model_type='bert'; gptjax exports openai-gpt, gpt2"),
+        (  # Mixtral's router has no bias (gpt-oss's has, with sinks and biased experts)
+            dict(LLAMA, moe={"experts": 4, "router_bias": True}),
+            [],
+            "the nearest, mixtral, cannot compute model.moe.router_bias=True (it computes False)",
+        ),
+        (
+            dict(LLAMA, moe={"experts": 4}),
+            ["--model-type", "llama"],
+            "llama, cannot compute model.moe (a mixture of experts; it has a dense MLP)",
+        ),
     ],
-    ids=["qk_norm", "relu2", "no_positions", "softcap", "gpt3_banded", "asked_gpt2", "bert"],
+    ids=[
+        "qk_norm",
+        "relu2",
+        "no_positions",
+        "softcap",
+        "gpt3_banded",
+        "asked_gpt2",
+        "bert",
+        "moe_router_bias",
+        "moe_as_llama",
+    ],
 )
 def test_export_refuses_a_model_no_family_computes(tmp_path, capsys, changes, asked, message):
     """Refused from the run's config.yaml, before any weight is read or anything written."""
@@ -385,3 +488,43 @@ def test_mxfp4_dequantization_equals_transformers():
     b, sc = torch.from_numpy(blocks), torch.from_numpy(scales)
     np.testing.assert_array_equal(ours, convert_moe_packed_tensors(b, sc, dtype=torch.float32))
     np.testing.assert_array_equal(ours, convert_moe_packed_tensors(b, sc).float().numpy())
+
+
+def test_gpt_oss_mxfp4_checkpoint_imports(hf_dirs, tokenizer, tmp_path):
+    """A gpt-oss directory as the Hub stores it: the experts' gate_up_proj and down_proj as
+    MXFP4 `_blocks` + `_scales` (uint8) and a quantization_config. Imported, its logits are those
+    of the transformers model holding transformers' own dequantization of the same bytes."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    directory, theirs = hf_dirs["gpt_oss"]
+    packed = tmp_path / "hf"
+    shutil.copytree(directory, packed)
+    path = packed / "model.safetensors"
+    tensors = safetensors_numpy.load_file(path)
+    rng = np.random.default_rng(3)
+    model = transformers.AutoModelForCausalLM.from_config(theirs.config).eval()
+    model.load_state_dict(theirs.state_dict())
+    E, F = 4, theirs.config.intermediate_size
+    for i in range(L):
+        for name, rows, cols in (("gate_up_proj", 2 * F, D), ("down_proj", D, F)):
+            key = f"model.layers.{i}.mlp.experts.{name}"
+            blocks = rng.integers(0, 256, (E, rows, cols // 32, 16), dtype=np.uint8)
+            scales = rng.integers(121, 125, (E, rows, cols // 32), dtype=np.uint8)
+            del tensors[key]
+            tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+            value = convert_moe_packed_tensors(
+                torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32
+            )
+            with torch.no_grad():
+                getattr(model.model.layers[i].mlp.experts, name).copy_(value)
+    safetensors_numpy.save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((packed / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (packed / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    assert cli.main(["import", "hf", str(packed), "--run-dir", str(run)]) == 0
+    setup, params, _ = runs.load_run(run)
+    ids = np.array([tokenizer.encode(TEXT).ids[:40]], np.int32)
+    ours = np.asarray(FORWARD(setup.graphdef, params, ids))[..., : tokenizer.get_vocab_size()]
+    np.testing.assert_allclose(ours, hf_logits(model, ids), atol=ATOL, rtol=0)
+    assert np.abs(ours - hf_logits(theirs, ids)).max() > 0.1  # the packed experts are new

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints <-> gptjax runs: weights, config.json, the tokenizer, for every
 family in gptjax/interop/hf_families.py (openai-gpt, gpt2, gpt_neo, llama, mistral, qwen2,
-qwen3).
+qwen3, mixtral, qwen3_moe, gpt_oss).
 
 `import_run` reads a local HF directory (`model.safetensors` or `pytorch_model.bin`, possibly
 sharded with an index; keys with or without the family's `transformer.` / `model.` prefix;
@@ -43,6 +43,8 @@ VOCAB_MULTIPLE = 128
 # rotary models address up to max_position_embeddings (131,072 for Llama 3) with no table: the
 # imported seq_len (what a sample's cache and a fine-tune's windows hold) defaults to at most this
 ROPE_SEQ_LEN = 2048
+# what an imported mixture of experts may change: training settings, not what it computes
+MOE_TRAINING = ("model.moe.aux_loss", "model.moe.z_loss", "model.moe.capacity_factor")
 
 
 def _get(tree: dict, dotted: str):
@@ -59,13 +61,35 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 
 def _rows(model: ModelConfig, family: Family):
-    """(hf name under the prefix, its Tensor row, layer or None) of every tensor of `model`."""
+    """(hf name under the prefix, its Tensor row, the index of its slot in the gptjax
+    parameter) of every tensor of `model`. A per-layer row's slot starts with its layer's place
+    in its stack: every layer ("all"), or only the dense-MLP or the MoE layers, each stacked over
+    its own kind (model.moe); an expert row's ("{j}") continues with the expert, a `part` row's
+    with the fused axis' index."""
+    moe_layers = families.moe_layers(model)
+    stacks = {"all": list(range(model.n_layer))}
+    stacks["moe"] = [i for i in range(model.n_layer) if moe_layers[i]]
+    stacks["dense"] = [i for i in range(model.n_layer) if not moe_layers[i]]
     for row in family.tensors(model):
-        if row.per_layer:
-            for i in range(model.n_layer):
-                yield row.hf.format(i=i), row, i
-        else:
-            yield row.hf, row, None
+        part = () if row.part is None else (*([slice(None)] * row.part[0]), row.part[1])
+        if not row.per_layer:
+            yield row.hf, row, part
+            continue
+        for place, i in enumerate(stacks[row.layers]):
+            if row.per_expert:
+                for j in range(model.moe.experts):
+                    yield row.hf.format(i=i, j=j), row, (place, j, *part)
+            else:
+                yield row.hf.format(i=i), row, (place, *part)
+
+
+def _hf_slice(row, ndim: int) -> tuple:
+    """The index of a row's values in its HF tensor (all of it, or gpt-oss's interleaved gate
+    or up columns: `hf_slice` (axis, start, step))."""
+    if row.hf_slice is None:
+        return ()
+    axis, start, step = row.hf_slice
+    return (*([slice(None)] * (axis % ndim)), slice(start, None, step))
 
 
 # -- config.json ------------------------------------------------------------------------------
@@ -96,6 +120,14 @@ def model_fields(hf: dict[str, Any], family: Family, n_tokens: int) -> tuple[dic
         raise InteropError(
             f"the tokenizer has {n_tokens} tokens but config.json vocab_size={hf['vocab_size']}"
         )
+    quantized = hf.get("quantization_config")
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized
+        if family.unpack is None or method != "mxfp4":
+            raise InteropError(
+                f"config.json: quantization_config.quant_method={method!r}; gptjax imports "
+                "unquantized weights (and gpt-oss's mxfp4 experts)"
+            )
     fixed = family.fields(hf)
     padded = -(-hf["vocab_size"] // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     fixed["vocab_size"] = padded
@@ -138,7 +170,10 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:  # the flax reader also takes bfloat16, which NumPy alone cannot
         with safe_open(str(path), framework="flax") as file:
             for key in file.keys():
-                out[key] = np.asarray(jax.device_get(file.get_tensor(key)), np.float32)
+                value = np.asarray(jax.device_get(file.get_tensor(key)))
+                # floats as f32; integers (gpt-oss's MXFP4 blocks and scales: uint8) as they are
+                kind = value.dtype.kind in "iub"
+                out[key] = value if kind else np.asarray(value, np.float32)
     except (SafetensorError, OSError) as error:
         raise InteropError(f"{path}: not a readable safetensors file ({error})") from None
     return out
@@ -196,6 +231,8 @@ def to_gptjax(
     from gptjax.core import model
 
     tensors = {k: v for k, v in tensors.items() if not k.endswith(family.buffers)}
+    if family.unpack is not None:  # gpt-oss: MXFP4 expert weights dequantized
+        tensors = family.unpack(tensors)
     embedding = family.embedding()
     if cfg.tie_embeddings and families.LM_HEAD in tensors:
         head = tensors.pop(families.LM_HEAD)
@@ -217,7 +254,7 @@ def to_gptjax(
     shapes = model.param_shapes(cfg)
     params = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
     filled = {name: 0 for name in shapes}
-    for name, row, layer in rows:
+    for name, row, index in rows:
         if name not in tensors:
             raise InteropError(f"missing tensor {name} (or {family.prefix}{name})")
         value, shape = tensors[name], tuple(dims[s] for s in row.shape)
@@ -225,19 +262,15 @@ def to_gptjax(
             raise InteropError(
                 f"tensor {name} has shape {list(value.shape)}; config.json implies {list(shape)}"
             )
+        value = np.asarray(value, np.float32)[_hf_slice(row, value.ndim)]
         if "V" in row.shape:  # pad the vocabulary with zero rows
             axis = row.shape.index("V")
             pad = [(0, 0)] * value.ndim
             pad[axis] = (0, cfg.vocab_size - hf_vocab)
             value = np.pad(value, pad)
-        if row.linear:
-            value = value.T
-        target = params[row.ours]
-        index = () if layer is None else (layer,)
-        if row.part is not None:
-            axis, j = row.part
-            index = (*index, *([slice(None)] * axis), j)
-        slot = target[index]
+        if row.linear:  # [..., out, in] -> [..., in, out]
+            value = value.swapaxes(-1, -2)
+        slot = params[row.ours][index]
         slot[...] = value.reshape(slot.shape)
         filled[row.ours] += slot.size
     unfilled = [name for name, n in filled.items() if n != math.prod(shapes[name])]
@@ -252,20 +285,28 @@ def to_hf(params: dict, model: ModelConfig, family: Family, n_tokens: int) -> di
     """HF tensors (f32, named as the family's `...ForCausalLM` saves them) of gptjax
     parameters, the vocabulary trimmed to `n_tokens`."""
     dims = families.dims(model, model.vocab_size)
-    out = {}
-    for name, row, layer in _rows(model, family):
-        value = np.asarray(_get(params, row.ours), np.float32)
-        index = () if layer is None else (layer,)
-        if row.part is not None:
-            axis, j = row.part
-            index = (*index, *([slice(None)] * axis), j)
-        value = value[index]
+    out, f32 = {}, {}  # each parameter as f32 once (a bf16 run's: one copy, not one per row)
+    for name, row, index in _rows(model, family):
+        if row.ours not in f32:
+            f32[row.ours] = np.asarray(_get(params, row.ours), np.float32)
+        value = f32[row.ours][index]
         shape = [dims[s] for s in row.shape]
-        value = value.reshape(shape[::-1]).T if row.linear else value.reshape(shape)
+        if row.hf_slice is not None:  # this row fills every step-th column of the HF tensor
+            axis, _, step = row.hf_slice
+            shape[axis] //= step
+        if row.linear:
+            value = value.reshape(*shape[:-2], shape[-1], shape[-2]).swapaxes(-1, -2)
+        else:
+            value = value.reshape(shape)
         if "V" in row.shape:
             value = np.take(value, np.arange(n_tokens), axis=row.shape.index("V"))
         key = name if name == families.LM_HEAD else family.prefix + name
-        out[key] = np.ascontiguousarray(value)
+        if row.hf_slice is None:
+            out[key] = np.ascontiguousarray(value)
+        else:
+            full = [dims[s] for s in row.shape]
+            whole = out.setdefault(key, np.zeros(full, np.float32))
+            whole[_hf_slice(row, len(full))] = value
     return out
 
 
@@ -291,6 +332,12 @@ def import_run(directory: str | Path, run_dir: str | Path, overrides: list[str] 
     for key in fixed:
         if f"model.{key}" in given:
             raise ConfigError(f"model.{key} comes from {directory / 'config.json'}; drop it")
+    for key in sorted(given):  # the MoE's training settings may be set, not its shape or routing
+        if key.startswith("model.moe.") and "moe" in fixed and key not in MOE_TRAINING:
+            raise ConfigError(
+                f"{key} comes from {directory / 'config.json'}; drop it (of model.moe, only "
+                f"{', '.join(k.removeprefix('model.moe.') for k in MOE_TRAINING)} may be set)"
+            )
     fields = {**defaults, **fixed}
     dotted = [f"model.{key}={json.dumps(value)}" for key, value in fields.items()]
     base = [f"run_dir={run_dir}", "model.param_dtype=float32", *dotted]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptjax.config import ModelConfig, window_of
-from gptjax.interop import InteropError
+from gptjax.interop import InteropError, mxfp4
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,16 @@ class Tensor:
     shape: tuple[str, ...]
     linear: bool = False
     part: tuple[int, int] | None = None
+    layers: str = "all"  # per-layer rows: on every layer, or only the "dense" or "moe" ones
+    hf_slice: tuple[int, int, int] | None = None  # (axis, start, step) of the HF tensor
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf
+
+    @property
+    def per_expert(self) -> bool:
+        return "{j}" in self.hf
 
 
 LM_HEAD = "lm_head.weight"  # never under the prefix
@@ -85,8 +91,14 @@ def _need(problems: list[str], ok: bool, what: str) -> None:
 
 
 def _model_problems(model: ModelConfig, want: dict[str, Any]) -> list[str]:
-    """Each gptjax field of `model` whose value differs from what the family computes."""
-    out = []
+    """Each gptjax field of `model` whose value differs from what the family computes (a
+    mixture of experts, model.moe, only where `want` has "moe": True)."""
+    out, want = [], dict(want)
+    moe = want.pop("moe", False)
+    if moe and model.moe is None:
+        out.append("a dense MLP (it has a mixture of experts: set model.moe)")
+    elif not moe and model.moe is not None:
+        out.append("model.moe (a mixture of experts; it has a dense MLP)")
     for name, value in want.items():
         have = getattr(model, name)
         if isinstance(value, tuple) and name != "attention_pattern":
@@ -115,6 +127,7 @@ class Family:
     config: Callable[[ModelConfig], dict]
     tensors: Callable[[ModelConfig], list[Tensor]]
     buffers: tuple[str, ...] = ()  # saved non-weights (causal masks, RoPE tables): skipped
+    unpack: Callable[[dict], dict] | None = None  # packed tensors -> plain ones (gpt-oss MXFP4)
 
     def embedding(self) -> str:
         return next(t.hf for t in self.tensors(ModelConfig()) if t.ours == "wte")
@@ -420,7 +433,9 @@ def _neo_config(model: ModelConfig) -> dict:
 # --- Llama, Mistral, Qwen2, Qwen3 (qk-norm): RMSNorm, RoPE, SwiGLU, grouped heads ----------
 
 
-def _llama_tensors(model: ModelConfig) -> list[Tensor]:
+def _llama_tensors(model: ModelConfig, experts: tuple[Tensor, ...] = ()) -> list[Tensor]:
+    """Llama's tensors (and Qwen3's q/k norms, gpt-oss's sinks); the dense MLP's on the dense
+    layers, `experts` (a MoE family's router and experts) on the MoE layers."""
     a, m = "layers.{i}.self_attn.", "layers.{i}.mlp."
     rows = [
         Tensor("embed_tokens.weight", "wte", ("V", "D")),
@@ -433,15 +448,20 @@ def _llama_tensors(model: ModelConfig) -> list[Tensor]:
     if model.qk_norm:  # Qwen3: RMSNorm gains of each head's queries and keys
         rows.append(Tensor(a + "q_norm.weight", "blocks.q_norm", ("H",)))
         rows.append(Tensor(a + "k_norm.weight", "blocks.k_norm", ("H",)))
+    if model.attention_sinks:  # gpt-oss: one logit per head
+        rows.append(Tensor(a + "sinks", "blocks.sinks", ("N",)))
     rows.append(Tensor("layers.{i}.post_attention_layernorm.weight", "blocks.ln2_scale", ("D",)))
     for hf, ours, shape in (
         ("gate_proj", "gate", ("F", "D")),
         ("up_proj", "fc", ("F", "D")),
         ("down_proj", "proj", ("D", "F")),
     ):
-        rows.append(Tensor(f"{m}{hf}.weight", f"blocks.{ours}_w", shape, linear=True))
+        rows.append(
+            Tensor(f"{m}{hf}.weight", f"blocks.{ours}_w", shape, linear=True, layers="dense")
+        )
         if model.mlp_bias:
-            rows.append(Tensor(f"{m}{hf}.bias", f"blocks.{ours}_b", shape[:1]))
+            rows.append(Tensor(f"{m}{hf}.bias", f"blocks.{ours}_b", shape[:1], layers="dense"))
+    rows.extend(experts)
     rows.append(Tensor("norm.weight", "ln_f_scale", ("D",)))
     if not model.tie_embeddings:
         rows.append(Tensor(LM_HEAD, "lm_head", ("V", "D"), linear=True))
@@ -828,7 +848,10 @@ def family_of_model(model: ModelConfig, model_type: str | None = None) -> Family
     for f in candidates:
         if not problems[f.model_type]:
             return f
-    nearest = min(problems, key=lambda name: len(problems[name]))
+    # the nearest: the fewest problems, a family with experts first for a model with them
+    moe = {f.model_type for f in MOE_FAMILIES}
+    kind = lambda name: (name in moe) != (model.moe is not None)
+    nearest = min(problems, key=lambda name: (len(problems[name]), kind(name)))
     listed = problems[nearest]
     more = f" (and {len(listed) - 1} more)" if len(listed) > 1 else ""
     raise InteropError(
@@ -837,7 +860,374 @@ def family_of_model(model: ModelConfig, model_type: str | None = None) -> Family
     )
 
 
+def moe_layers(model: ModelConfig) -> tuple[bool, ...]:
+    """Whether each layer's MLP is the mixture of experts (model.moe)."""
+    return model.moe_layers()
+
+
 def dims(model: ModelConfig, vocab: int) -> dict[str, int]:
     Q, KV = model.n_head * model.head_dim, model.kv_heads * model.head_dim
+    E = model.moe.experts if model.moe is not None else 0
     return {"V": vocab, "P": model.n_positions, "D": model.d_model, "F": model.ff, "Q": Q,
-            "KV": KV, "3Q": 3 * Q, "H": model.head_dim}  # fmt: skip
+            "KV": KV, "3Q": 3 * Q, "H": model.head_dim, "N": model.n_head, "E": E,
+            "M": model.expert_ff, "2M": 2 * model.expert_ff}  # fmt: skip
+
+
+# --- Mixture of experts: Mixtral, Qwen3-MoE, gpt-oss -------------------------------------------
+#
+# gptjax's MoE MLP (model.moe, gptjax/core/moe.py): router_w [D, E] (+ router_b), and per expert
+# gate, up [D, M] and down [M, D] (+ biases), stacked over the MoE layers. Mixtral and Qwen3-MoE
+# checkpoints store one Linear per expert (`experts.{j}.w1` ..., the names transformers'
+# save_pretrained writes back and the Hub's); gpt-oss stores the experts fused per layer,
+# gate_up_proj [E, D, 2M] with the gate and up columns interleaved (gate 0::2, up 1::2), and
+# down_proj [E, M, D], not transposed (on the Hub MXFP4-packed: dequantized on import).
+
+
+def _experts(hf: dict, *names: str) -> int:
+    for name in names:
+        if name in hf:
+            return positive_int(hf, name)
+    return positive_int(hf, names[0])
+
+
+def _float(hf: dict, name: str, default: float, minimum: float = 0.0) -> float:
+    value = hf.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise InteropError(f"config.json: {name}={value!r} is not a number >= {minimum}")
+    return float(value)
+
+
+def _moe_fields(hf: dict, experts: int, **fields: Any) -> dict:
+    """model.moe of a MoE config.json: `experts`, num_experts_per_tok, the load-balancing
+    coefficient router_aux_loss_coef (transformers has no router z-loss: 0)."""
+    top_k = positive_int(hf, "num_experts_per_tok")
+    if top_k > experts:
+        raise InteropError(f"config.json: num_experts_per_tok={top_k} exceeds {experts} experts")
+    aux = _float(hf, "router_aux_loss_coef", 0.001)
+    return {"experts": experts, "top_k": top_k, "aux_loss": aux, "z_loss": 0.0, **fields}
+
+
+def _moe_problems(model: ModelConfig, problems: list[str], want: dict[str, Any]) -> None:
+    """Each model.moe field whose value differs from what the family computes (a tuple: any)."""
+    if model.moe is None:
+        return
+    for name, value in want.items():
+        have = getattr(model.moe, name)
+        if have not in (value if isinstance(value, tuple) else (value,)):
+            what = " or ".join(map(repr, value)) if isinstance(value, tuple) else repr(value)
+            problems.append(f"model.moe.{name}={have!r} (it computes {what})")
+
+
+def _all_moe(model: ModelConfig, problems: list[str]) -> None:
+    if model.moe is not None and not all(model.moe_layers()):
+        dense = [i for i, m in enumerate(model.moe_layers()) if not m]
+        problems.append(f"dense MLP layers {dense} (every layer is a mixture of experts)")
+
+
+def _topk_softmax(model: ModelConfig) -> bool:
+    """Whether the gates are a softmax over the k chosen logits (softmax over all then the
+    top k renormalised is the same)."""
+    moe = model.moe
+    return moe.gating == "topk_softmax" or moe.renormalize
+
+
+# Mixtral: Mistral's attention, every layer a mixture of experts (block_sparse_moe)
+
+
+def _mixtral_experts(model: ModelConfig) -> tuple[Tensor, ...]:
+    s = "layers.{i}.block_sparse_moe."
+    return (
+        Tensor(s + "gate.weight", "blocks.router_w", ("E", "D"), linear=True, layers="moe"),
+        Tensor(s + "experts.{j}.w1.weight", "blocks.expert_gate_w", ("M", "D"), True, layers="moe"),
+        Tensor(s + "experts.{j}.w3.weight", "blocks.expert_up_w", ("M", "D"), True, layers="moe"),
+        Tensor(s + "experts.{j}.w2.weight", "blocks.expert_down_w", ("D", "M"), True, layers="moe"),
+    )
+
+
+def _mixtral_fields(hf: dict) -> dict:
+    out = _mistral_fields(hf)
+    jitter = _float(hf, "router_jitter_noise", 0.0)
+    if jitter:
+        raise InteropError(
+            f"config.json: router_jitter_noise={jitter!r}; gptjax's router has no jitter (0.0)"
+        )
+    experts = _experts(hf, "num_local_experts", "num_experts")
+    out["moe"] = _moe_fields(hf, experts, gating="topk_softmax")
+    return out
+
+
+def _mixtral_mismatches(model: ModelConfig) -> list[str]:
+    want = {**_ROPE_BLOCK, "qkv_bias": False, "attn_out_bias": False, "moe": True}
+    problems = _model_problems(model, {**want, "mlp_bias": (False, True)})  # no dense MLP
+    _need(
+        problems,
+        len(model.attention_pattern) == 1,
+        f"model.attention_pattern={list(model.attention_pattern)} (every layer alike)",
+    )
+    if model.moe is None:
+        return problems
+    _all_moe(model, problems)
+    _moe_problems(
+        model, problems, {"router_bias": False, "expert_bias": False, "activation": "swiglu"}
+    )
+    if not _topk_softmax(model):
+        problems.append("model.moe.renormalize=False (its gates are renormalised)")
+    return problems
+
+
+def _moe_config(model: ModelConfig) -> dict:
+    return {
+        "num_experts_per_tok": model.moe.top_k,
+        "router_aux_loss_coef": model.moe.aux_loss,
+        "output_router_logits": False,
+    }
+
+
+def _mixtral_config(model: ModelConfig) -> dict:
+    return {
+        **_mistral_config(model),
+        "intermediate_size": model.expert_ff,
+        **_moe_config(model),
+        "num_local_experts": model.moe.experts,
+        "router_jitter_noise": 0.0,
+    }
+
+
+# Qwen3-MoE: Qwen3's attention; MoE layers where (l + 1) % decoder_sparse_step == 0 and l is not
+# in mlp_only_layers (the others Qwen3's dense MLP of intermediate_size)
+
+
+def _qwen3_moe_experts(model: ModelConfig) -> tuple[Tensor, ...]:
+    s = "layers.{i}.mlp."
+    return (
+        Tensor(s + "gate.weight", "blocks.router_w", ("E", "D"), linear=True, layers="moe"),
+        *(
+            Tensor(
+                f"{s}experts.{{j}}.{hf}.weight",
+                f"blocks.expert_{ours}_w",
+                shape,
+                True,
+                layers="moe",
+            )  # fmt: skip
+            for hf, ours, shape in (
+                ("gate_proj", "gate", ("M", "D")),
+                ("up_proj", "up", ("M", "D")),
+                ("down_proj", "down", ("D", "M")),
+            )
+        ),
+    )
+
+
+def _qwen3_moe_fields(hf: dict) -> dict:
+    bias = bool(hf.get("attention_bias", False))
+    out = _llama_common_fields(hf, qkv_bias=bias, out_bias=bias, mlp_bias=False)
+    out["qk_norm"] = True
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    if window is not None:  # every layer alike
+        out["attention_pattern"] = (f"local:{positive_int(hf, 'sliding_window')}",)
+    shared = hf.get("shared_expert_intermediate_size")
+    if shared:
+        raise InteropError(
+            f"config.json: shared_expert_intermediate_size={shared!r}; gptjax's MoE has no "
+            "shared expert"
+        )
+    dense = hf.get("mlp_only_layers") or []
+    n_layer = out["n_layer"]
+    if not isinstance(dense, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layer for i in dense
+    ):
+        raise InteropError(f"config.json: mlp_only_layers={dense!r} is not a list of layers")
+    every = positive_int(hf, "decoder_sparse_step", 1)
+    if not any((i + 1) % every == 0 and i not in dense for i in range(n_layer)):
+        raise InteropError(
+            f"config.json: decoder_sparse_step={every} with mlp_only_layers={dense} leaves no "
+            "MoE layer (import it as qwen3)"
+        )
+    out["moe"] = _moe_fields(
+        hf,
+        _experts(hf, "num_experts", "num_local_experts"),
+        d_ff=positive_int(hf, "moe_intermediate_size"),
+        every=every,
+        dense_layers=tuple(sorted(set(dense))),
+        gating="softmax_topk",
+        renormalize=bool(hf.get("norm_topk_prob", False)),
+    )
+    return out
+
+
+def _qwen3_moe_mismatches(model: ModelConfig) -> list[str]:
+    want = {**_ROPE_BLOCK, "qk_norm": True, "mlp_bias": False, "moe": True}
+    problems = _model_problems(model, want)
+    _need(
+        problems,
+        model.qkv_bias == model.attn_out_bias,
+        f"model.qkv_bias={model.qkv_bias} with model.attn_out_bias={model.attn_out_bias} "
+        "(its attention_bias covers both)",
+    )
+    _need(
+        problems,
+        len(model.attention_pattern) == 1,
+        f"model.attention_pattern={list(model.attention_pattern)} (every layer alike)",
+    )
+    _moe_problems(
+        model, problems, {"router_bias": False, "expert_bias": False, "activation": "swiglu"}
+    )
+    return problems
+
+
+def _qwen3_moe_config(model: ModelConfig) -> dict:
+    window = _window(model)
+    moe = model.moe
+    softmax_first = moe.gating == "softmax_topk"
+    return {
+        **_llama_common_config(model),
+        **_moe_config(model),
+        "attention_bias": model.qkv_bias,
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+        "num_experts": moe.experts,
+        "moe_intermediate_size": model.expert_ff,
+        "decoder_sparse_step": moe.every,
+        "mlp_only_layers": list(moe.dense_layers),
+        # a softmax over the k chosen logits is the renormalised top k of the softmax
+        "norm_topk_prob": moe.renormalize or not softmax_first,
+    }
+
+
+# gpt-oss: sinks, alternating sliding / full layers, YaRN, attention biases, clamped SwiGLU
+# experts with biases, a router with a bias (softmax over the k chosen logits)
+
+GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}  # fmt: skip  (transformers' GptOssConfig default)
+
+
+def _gpt_oss_experts(model: ModelConfig) -> tuple[Tensor, ...]:
+    s = "layers.{i}.mlp."
+    moe = dict(layers="moe")
+    gate, up = dict(hf_slice=(-1, 0, 2), **moe), dict(hf_slice=(-1, 1, 2), **moe)
+    return (
+        Tensor(s + "router.weight", "blocks.router_w", ("E", "D"), linear=True, **moe),
+        Tensor(s + "router.bias", "blocks.router_b", ("E",), **moe),
+        Tensor(s + "experts.gate_up_proj", "blocks.expert_gate_w", ("E", "D", "2M"), **gate),
+        Tensor(s + "experts.gate_up_proj", "blocks.expert_up_w", ("E", "D", "2M"), **up),
+        Tensor(s + "experts.gate_up_proj_bias", "blocks.expert_gate_b", ("E", "2M"), **gate),
+        Tensor(s + "experts.gate_up_proj_bias", "blocks.expert_up_b", ("E", "2M"), **up),
+        Tensor(s + "experts.down_proj", "blocks.expert_down_w", ("E", "M", "D"), **moe),
+        Tensor(s + "experts.down_proj_bias", "blocks.expert_down_b", ("E", "D"), **moe),
+    )
+
+
+def _gpt_oss_fields(hf: dict) -> dict:
+    if not hf.get("rope_parameters") and not hf.get("rope_scaling"):
+        hf = {**hf, "rope_parameters": {**GPT_OSS_ROPE, "rope_theta": hf.get("rope_theta", 1.5e5)}}
+    bias = bool(hf.get("attention_bias", True))
+    out = _llama_common_fields(hf, qkv_bias=bias, out_bias=bias, mlp_bias=False, head_dim=64)
+    out["norm_eps"] = float(hf.get("rms_norm_eps", 1e-5))
+    n_layer = out["n_layer"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # transformers' default: sliding, full, sliding, ...
+        layer_types = ["sliding_attention", "full_attention"] * (n_layer // 2) + [
+            "sliding_attention"
+        ] * (n_layer % 2)
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if other or len(layer_types) != n_layer:
+        what = f"has {other[0]!r}" if other else f"lists {len(layer_types)} layers, not {n_layer}"
+        raise InteropError(f"config.json: layer_types {what}")
+    window = hf.get("sliding_window", 128)
+    if window is not None:
+        window = positive_int({"sliding_window": window}, "sliding_window")
+    kinds = [
+        "dense" if t == "full_attention" or window is None else f"local:{window}"
+        for t in layer_types
+    ]
+    out["attention_pattern"] = repeating_pattern(kinds)
+    out["attention_sinks"] = True
+    experts = _experts(hf, "num_local_experts", "num_experts")
+    out["moe"] = _moe_fields(
+        hf,
+        experts,
+        router_bias=True,
+        expert_bias=True,
+        activation="swiglu_clamped",
+        limit=_float(hf, "swiglu_limit", 7.0, minimum=1e-9),
+        alpha=_float(hf, "swiglu_alpha", 1.702, minimum=1e-9),
+        gating="topk_softmax",
+    )
+    return out
+
+
+def _gpt_oss_mismatches(model: ModelConfig) -> list[str]:
+    want = {**_ROPE_BLOCK, "attention_sinks": True, "mlp_bias": (False, True), "moe": True}
+    problems = _model_problems(model, want)
+    _need(
+        problems,
+        model.qkv_bias == model.attn_out_bias,
+        f"model.qkv_bias={model.qkv_bias} with model.attn_out_bias={model.attn_out_bias} "
+        "(its attention_bias covers both)",
+    )
+    _need(problems, _window(model) != -1, "local layers of different windows (one sliding_window)")
+    _all_moe(model, problems)
+    _moe_problems(
+        model, problems, {"router_bias": True, "expert_bias": True, "activation": "swiglu_clamped"}
+    )
+    if model.moe is not None and not _topk_softmax(model):
+        problems.append("model.moe.renormalize=False (its gates are a softmax over the k chosen)")
+    return problems
+
+
+def _gpt_oss_config(model: ModelConfig) -> dict:
+    window = _window(model)
+    types = ["full_attention" if w is None else "sliding_attention" for w in model.windows()]
+    return {
+        **_llama_common_config(model),
+        **_moe_config(model),
+        "intermediate_size": model.expert_ff,
+        "attention_bias": model.qkv_bias,
+        "layer_types": types,
+        "sliding_window": window,
+        "num_local_experts": model.moe.experts,
+        "swiglu_limit": model.moe.limit,
+        "swiglu_alpha": model.moe.alpha,
+    }
+
+
+MOE_FAMILIES = (
+    Family(
+        "mixtral",
+        ("MixtralForCausalLM", "MixtralModel"),
+        "model.",
+        _mixtral_fields,
+        _mixtral_mismatches,
+        _mixtral_config,
+        lambda model: _llama_tensors(model, _mixtral_experts(model)),
+        ROPE_BUFFERS,
+    ),
+    Family(
+        "qwen3_moe",
+        ("Qwen3MoeForCausalLM", "Qwen3MoeModel"),
+        "model.",
+        _qwen3_moe_fields,
+        _qwen3_moe_mismatches,
+        _qwen3_moe_config,
+        lambda model: _llama_tensors(model, _qwen3_moe_experts(model)),
+        ROPE_BUFFERS,
+    ),
+    Family(
+        "gpt_oss",
+        ("GptOssForCausalLM", "GptOssModel"),
+        "model.",
+        _gpt_oss_fields,
+        _gpt_oss_mismatches,
+        _gpt_oss_config,
+        lambda model: _llama_tensors(model, _gpt_oss_experts(model)),
+        ROPE_BUFFERS,
+        unpack=mxfp4.unpack,
+    ),
+)
+FAMILIES.update({f.model_type: f for f in MOE_FAMILIES})
