@@ -178,6 +178,9 @@ def _serve(args) -> int:
         args.max_tokens,
         args.body_timeout,
         args.keep_alive_timeout,
+        args.max_batch,
+        args.max_queue,
+        args.request_timeout,
     )
     limits.check()
     access.exposure(args.host, keys, args.allow_unauthenticated)  # before loading devices
@@ -428,6 +431,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keep-alive-timeout", type=float, default=limits.keep_alive, help="idle seconds"
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=limits.max_batch, help="requests generated together"
+    )
+    p.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting; else 503")
+    p.add_argument(
+        "--request-timeout", type=float, default=limits.request_timeout, help="seconds per request"
     )
 
 

@@ -483,6 +483,14 @@ class TrainConfig(_Section):
         0.0, ge=0.0, lt=0.5, description="the share of pairs assumed mislabelled (cDPO)"
     )
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO's loss, or IPO's")
+    # knowledge distillation (gptjax/core/distill.py, docs/compression.md)
+    distill_from: str | None = Field(
+        None,
+        description="RUN_DIR[@STEP]: a frozen teacher (same tokenizer); the loss becomes "
+        "distill_alpha * T^2 * KL(teacher || student at T) + (1 - distill_alpha) * cross-entropy",
+    )
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="the KL term's weight")
+    distill_temperature: float = Field(2.0, gt=0.0, description="T, softening both models")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -25,6 +25,17 @@ def cache_dir(tmp_path_factory):
     return Path(path) if path else tmp_path_factory.mktemp("gptjax-cache")
 
 
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory, cache_dir):
+    """A tiny run trained for one step (its tokenizer reserves the role pieces, so it renders
+    chats natively): the served model of tests/test_serve*.py, trained once per session."""
+    from gptjax.training import loop
+
+    run = tmp_path_factory.mktemp("chatrun")
+    loop.train(tiny_config(run, cache_dir, "train.steps=1", "train.eval_steps=1"), progress=False)
+    return run
+
+
 def tiny_config(run_dir, cache_dir, *overrides: str) -> config.Config:
     """configs/debug.yaml pointed at `run_dir` and the session cache, with overrides."""
     return config.load(

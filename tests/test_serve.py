@@ -15,11 +15,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, served, served_process, tiny_config
+from conftest import ROOT, served, served_process
 
+from gptjax.data import prefs
 from gptjax.inference import access, feedback, generate, serve
 from gptjax.inference.chatbot import Chatbot, ContextError, Settings
-from gptjax.training import loop
 
 openai = pytest.importorskip("openai")
 pexpect = pytest.importorskip("pexpect")
@@ -28,11 +28,9 @@ GREEDY = Settings(max_new_tokens=12, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, cache_dir):
+def run_dir(chat_run):
     """A tiny run (its tokenizer reserves the role pieces, so it renders chats natively)."""
-    run = tmp_path_factory.mktemp("chatrun")
-    loop.train(tiny_config(run, cache_dir, "train.steps=1", "train.eval_steps=1"), progress=False)
-    return run
+    return chat_run
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +134,14 @@ def test_openai_client_gets_a_completion_and_a_streamed_chat_completion(server, 
     assert all(c.id == chunks[0].id for c in chunks)
 
 
-healthy = {"status": "ok", "model": "chatrun0", "context": 64, "queued": 0}
+healthy = {
+    "status": "ok",
+    "model": "chatrun0",
+    "context": 64,
+    "queued": 0,
+    "running": 0,
+    "max_batch": 8,
+}
 
 
 @pytest.mark.parametrize(
@@ -497,6 +502,8 @@ def test_32_concurrent_feedback_posts_all_land_exactly_once(bot, tmp_path):
         pair = by_chosen[body["preferred"]]
         assert pair["messages"] == QUESTION and pair["rejected"] == reply
         assert pair["rejected_id"] == id_ and pair["source"] == "feedback:preferred"
+    read = prefs.read(str(tmp_path / "prefs.jsonl"))  # what `data.source=prefs:` takes
+    assert sorted(p.chosen for p in read) == sorted(b["preferred"] for b in bodies)
 
 
 def test_ratings_pair_each_good_reply_with_each_bad_one_once(bot, tmp_path):
@@ -521,6 +528,8 @@ def test_ratings_pair_each_good_reply_with_each_bad_one_once(bot, tmp_path):
     expected = {(replies[g], replies[b]) for g in (g1, g2) for b in (b1, b2)}
     assert sorted((p["chosen"], p["rejected"]) for p in pairs) == sorted(expected)
     assert all(p["messages"] == QUESTION for p in pairs)
+    read = prefs.read(str(tmp_path / "prefs.jsonl"))
+    assert sorted((p.chosen, p.rejected) for p in read) == sorted(expected)
     ratings = lines(tmp_path / "ratings" / "ratings.jsonl")
     assert [(r["id"], r["rating"], r["reply"]) for r in ratings] == [
         (g1, 1, replies[g1]),

@@ -117,7 +117,9 @@ def rms_norm(x, scale, eps: float):
 #                                     keep every slot (S_j = S); a `local:W` layer keeps a ring
 #                                     of S_j = min(W, S) slots: slot s lives at s mod S_j
 #   segment_ids  [B, S]               the segment of the token in each slot (0: padding, empty)
-#   index        []                   the next slot to write (the same for every row)
+#   index        []                   the next slot to write (the same for every row), or
+#                [B]                  one per row (the serving engine's slots: each row's tokens
+#                                     fill its own slots from 0, whatever the others hold)
 # A query attends to the slots at or before its own whose segment equals its own (and, for a
 # local layer, fewer than W slots back), so rows of different lengths share one cache when their
 # prompts are left-padded with segment 0: within a row, slot distance is token distance.
@@ -309,6 +311,8 @@ def _cached(q, k, v, where: Context, window, kv, scale, sinks):
     layer attends over its ring (the R slots before index) and the new keys together, then keeps
     the last min(T, R) new ones in the ring."""
     k_all, v_all, group = kv
+    if jnp.ndim(where.index):
+        return _cached_rows(q, k, v, where, window, kv, scale, sinks)
     T, R = q.shape[1], k_all.shape[3]
     index = where.index
     q_slot = index + jnp.arange(T)
@@ -346,4 +350,42 @@ def _cached(q, k, v, where: Context, window, kv, scale, sinks):
     values = constrain(values, CACHE_AXES["v"][1:])
     mask = _window_mask(q_slot, k_slot, window) & valid
     mask = mask[None] & (where.segment_ids[:, :, None] == k_segments[:, None, :])
+    return _attend(q, keys, values, mask, scale, sinks), (k_all, v_all)
+
+
+def _cached_rows(q, k, v, where: Context, window, kv, scale, sinks):
+    """`_cached` with one write slot per row (`where.index` [B]): the T new tokens of row b go
+    to its slots index[b]..index[b]+T-1 (a ring's at those slots mod R), written in place. Row
+    b's keys sit where its own history put them, so its attention is the same whatever the other
+    rows hold."""
+    k_all, v_all, group = kv
+    B, T, R = q.shape[0], q.shape[1], k_all.shape[3]
+    index = where.index[:, None]  # [B, 1]
+    q_slot = index + jnp.arange(T)  # [B, T]
+    k_new, v_new = k.astype(k_all.dtype), v.astype(v_all.dtype)  # [B, T, K, H]
+    rows = jnp.arange(B)[:, None]
+    if window is None:
+        places, kept = q_slot, slice(None)
+    else:
+        r = jnp.arange(R)[None]
+        held = index - 1 - jnp.mod(index - 1 - r, R)  # [B, R]: the slot ring place r holds
+        k_slot = jnp.concatenate([held, q_slot], axis=1)
+        valid = jnp.concatenate([held >= 0, jnp.ones((B, T), bool)], axis=1)
+        ring_segments = jnp.take_along_axis(where.cache_segments, jnp.maximum(held, 0), axis=1)
+        k_segments = jnp.concatenate([ring_segments, where.segment_ids], axis=1)
+        keys = jnp.concatenate([k_all[group], k_new.swapaxes(1, 2)], axis=2)
+        values = jnp.concatenate([v_all[group], v_new.swapaxes(1, 2)], axis=2)
+        keep = min(T, R)  # the newest `keep` tokens go into the ring
+        places, kept = jnp.mod(q_slot[:, T - keep :], R), slice(T - keep, None)
+    # [group, rows, :, places, :] selects [B, T', K, H] (the advanced indices' axes first)
+    k_all = k_all.at[group, rows, :, places].set(k_new[:, kept])
+    v_all = v_all.at[group, rows, :, places].set(v_new[:, kept])
+    k_all = constrain(k_all, CACHE_AXES["k"])
+    v_all = constrain(v_all, CACHE_AXES["v"])
+    if window is None:
+        keys, values = k_all[group], v_all[group]
+        k_slot, k_segments = jnp.broadcast_to(jnp.arange(R), (B, R)), where.cache_segments
+        valid = jnp.ones((B, R), bool)
+    mask = _window_mask(q_slot, k_slot, window) & valid[:, None, :]
+    mask = mask & (where.segment_ids[:, :, None] == k_segments[:, None, :])
     return _attend(q, keys, values, mask, scale, sinks), (k_all, v_all)

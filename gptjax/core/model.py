@@ -368,7 +368,14 @@ class GPT(nnx.Module):
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
         index = cache["index"]
-        segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT, (0, index))
+        if jnp.ndim(index):  # one write slot per row (attention.py's cache)
+            B, T = tokens_BT.shape
+            slots = index[:, None] + jnp.arange(T)
+            segments = cache["segment_ids"].at[jnp.arange(B)[:, None], slots].set(segment_ids_BT)
+        else:
+            segments = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids_BT, (0, index)
+            )
         where = Context(positions_BT, segment_ids_BT, index, segments)
         x = self._embed(tokens_BT, positions_BT)
         x, (k, v), _ = self._layers(x, where, cache)

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptjax.config import Config, ModelConfig
-from gptjax.core import expert_parallel, model, moe, optim, platform, sharding, vocab_loss
+from gptjax.core import distill, expert_parallel, model, moe, optim, platform, sharding, vocab_loss
 from gptjax.data import batching
 from gptjax.data import loader as data_loader
 
@@ -230,10 +230,18 @@ def masked_sum(losses_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
 
 
 def loss_and_grads(
-    graphdef, params, batch: dict, micro_batches: int, key=None, segments=False, aux=False
+    graphdef,
+    params,
+    batch: dict,
+    micro_batches: int,
+    key=None,
+    segments=False,
+    aux=False,
+    teacher=None,
 ):
     """(mean loss over scored tokens, its gradient, the number of scored tokens), and with
     `aux` the MoE router figures (means over the micro-batches; {} for a dense model).
+    `teacher` (train.distill_from, gptjax/core/distill.py): the distillation loss instead.
 
     The batch splits into `micro_batches` (row m, m+M, m+2M, ... go to micro-batch m, so every
     device holds part of each); each contributes its masked loss sum divided by the whole
@@ -246,7 +254,12 @@ def loss_and_grads(
     model_cfg = nnx.merge(graphdef, params).cfg
 
     def loss_fn(params, micro, key):
-        losses, figures = token_losses_and_aux(graphdef, params, micro, key, segments)
+        if teacher is None:
+            losses, figures = token_losses_and_aux(graphdef, params, micro, key, segments)
+        else:  # train.distill_from (gptjax/core/distill.py)
+            losses, figures = distill.token_losses_and_aux(
+                graphdef, params, teacher, micro, key, segments
+            )
         lm = masked_sum(losses, micro["loss_mask"]) / denominator
         figures = jax.tree.map(lambda v: v / micro_batches, figures)
         return lm + moe.penalty(figures, model_cfg), (lm, figures)

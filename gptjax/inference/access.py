@@ -43,13 +43,20 @@ class Limits:
     max_tokens: int | None = None  # new tokens one request may ask; None: the context
     body_timeout: float = 30.0  # seconds to receive a whole request body
     keep_alive: float = 5.0  # seconds an idle connection stays open (uvicorn's)
+    max_batch: int = 8  # requests generating together (rows of the decode batch)
+    max_queue: int = 64  # requests waiting for a row; more: 503 with Retry-After
+    request_timeout: float | None = 600.0  # seconds a request may take, queued or generating
 
     def check(self) -> None:
-        for name in ("max_body_bytes", "max_prompts", "max_stops"):
+        for name in ("max_body_bytes", "max_prompts", "max_stops", "max_batch"):
             if getattr(self, name) < 1:
                 raise AccessError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise AccessError("--max-tokens must be at least 1")
+        if self.max_queue < 0:
+            raise AccessError("--max-queue must be 0 or more")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise AccessError("--request-timeout must be positive (seconds)")
         for name in ("body_timeout", "keep_alive"):
             if not getattr(self, name) > 0:
                 raise AccessError(f"--{name.replace('_', '-')} must be positive (seconds)")

@@ -91,13 +91,19 @@ class Chatbot:
         """Stream the assistant's next turn after `messages` (which must fit the context);
         `ids`: the messages already rendered (`prompt_ids`)."""
         ids = self.prompt_ids(messages) if ids is None else ids
-        stop = [*settings.stop]
-        stop_ids = []
+        return self._stream(ids, settings, *self.stopping(settings, reply=True))
+
+    def stopping(self, settings: Settings, reply: bool) -> tuple[list[str], list[int]]:
+        """(stop strings, stop ids besides the end-of-document token) of a reply (else a
+        plain continuation)."""
+        stop, stop_ids = [*settings.stop], []
+        if not reply:
+            return stop, stop_ids
         if self.template.end_id is None:
-            stop += [chat.END, *chat.MARKERS.values()]  # markers as text: stop at their text
+            stop += [chat.END, *chat.MARKERS.values()]  # stop at the markers' text
         else:
             stop_ids.append(self.template.end_id)
-        return self._stream(ids, settings, stop, stop_ids)
+        return stop, stop_ids
 
     def complete(
         self, prompt: str, settings: Settings, ids: list[int] | None = None
@@ -105,7 +111,7 @@ class Chatbot:
         """Stream a plain continuation of `prompt` (ends at the end-of-document token); `ids`:
         the prompt already encoded (`prompt_ids`)."""
         ids = self.prompt_ids(prompt=prompt) if ids is None else ids
-        return self._stream(ids, settings, [*settings.stop], [])
+        return self._stream(ids, settings, *self.stopping(settings, reply=False))
 
     def prompt_tokens(self, messages: list[Message] | None = None, prompt: str = "") -> int:
         return len(self.prompt_ids(messages, prompt))

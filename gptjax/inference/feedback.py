@@ -22,8 +22,8 @@ a pair. Ratings are read back at start, so replies rated before a restart still 
                                           (no conversation: not a prefs: source)
     FEEDBACK/ratings/ratings.jsonl        every rating: id, rating (+1/-1), what was asked, reply
 
-FEEDBACK is RUN/feedback unless --feedback-dir says otherwise; only prefs.jsonl is a .jsonl in
-it, so `data.source=prefs:RUN/feedback` reads exactly the chat pairs.
+FEEDBACK is RUN/feedback unless --feedback-dir says otherwise. Train on the file,
+`data.source=prefs:FEEDBACK/prefs.jsonl` (a folder source would read the other files too).
 
 Writes are append-only, one `os.write` per line on an O_APPEND descriptor, under a lock (and
 `flock`, against a second server on the same directory), and each acknowledged line is on disk

@@ -1,6 +1,7 @@
 """`gptjax serve RUN_DIR`: the OpenAI HTTP API for one run (FastAPI + uvicorn).
 
-    GET  /health                 {"status": "ok", "model": NAME, "context": N, "queued": K}
+    GET  /health                 {"status": "ok", "model": NAME, "context": N, "queued": K,
+                                  "running": R, "max_batch": B}
     GET  /v1/models              the one model
     POST /v1/chat/completions    messages -> the assistant's reply (chat template, <|end|> stops)
     POST /v1/completions         a prompt (or a list: text or token ids) -> its continuation;
@@ -27,98 +28,49 @@ Access and limits (gptjax/inference/access.py): with API keys every path but /he
 `Authorization: Bearer KEY` (401); bodies are capped in size (413) and time (408); max_tokens
 over --max-tokens (default the context) is a 400.
 
-One worker thread owns the model; requests wait in a FIFO queue and are answered one at a time
-(each streams as it is generated). When a streaming client disconnects, its generation stops at
-the next chunk of tokens.
+Continuous batching (gptjax/inference/batching.py): up to --max-batch (8) requests generate
+together, one row each of one decode batch; a new request joins between device calls, and a
+request that finishes, stops or whose client disconnects frees its row at once. Each gets the
+tokens it would get alone. Up to --max-queue (64) more wait in arrival order; beyond that a
+request is answered 503 with Retry-After. A request past --request-timeout (600 s, queued or
+generating) is answered 504 (a stream ends with an error event). Scored completions run between
+decode calls, one at a time.
+
+    GET  /health                 adds "queued" (waiting) and "running" (rows generating)
+    GET  /metrics                Prometheus text: requests, queue depth, running rows, generated
+                                 tokens, time to first token and latency histograms (API key
+                                 like every path but /health)
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import itertools
 import json
-import queue
 import socket
 import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from gptjax.config import ConfigError
 from gptjax.data import DataError, chat
 from gptjax.errors import UserError
-from gptjax.inference import generate
+from gptjax.inference import batching, generate, metrics
 from gptjax.inference.access import DEFAULT_LIMITS, Guard, Limits, exposure
-from gptjax.inference.chatbot import Chatbot, Piece
+from gptjax.inference.chatbot import Chatbot
 from gptjax.inference.completions import Completions
 from gptjax.inference.feedback import Feedback, FeedbackOptions
 from gptjax.inference.settings import TOKENS_PER_CALL, ContextError, Settings, check_context
-
-_DONE = object()
-
-
-class Worker:
-    """The thread that runs every generation, one request at a time, in arrival order."""
-
-    def __init__(self):
-        self.jobs: queue.Queue = queue.Queue()
-        threading.Thread(target=self._loop, name="gptjax-generate", daemon=True).start()
-
-    def pending(self) -> int:
-        return self.jobs.qsize()
-
-    def submit(self, make: Callable[[], Iterator[Piece]]) -> AsyncIterator[Piece]:
-        """Queue a generation; iterate the result to receive its pieces as they come."""
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-        self.jobs.put((make, loop, out, cancelled))
-
-        async def pieces():
-            try:
-                while (item := await out.get()) is not _DONE:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-            finally:  # finished, or the client went away: either way the worker may stop
-                cancelled.set()
-
-        return pieces()
-
-    def _loop(self) -> None:
-        while True:
-            make, loop, out, cancelled = self.jobs.get()
-            if cancelled.is_set():
-                continue
-            send = functools.partial(_send, loop, out, cancelled)
-            try:
-                for piece in make():
-                    send(piece)
-                    if cancelled.is_set():
-                        break
-                send(_DONE)
-            except Exception as error:  # noqa: BLE001 - handed to the request, answered as 500
-                send(error)
-
-
-def _send(loop, out: asyncio.Queue, cancelled: threading.Event, item) -> None:
-    """Hand `item` to the request's event loop (from the worker thread)."""
-    try:
-        loop.call_soon_threadsafe(out.put_nowait, item)
-    except RuntimeError:  # the event loop has closed (shutting down)
-        cancelled.set()
-
 
 # --- requests -----------------------------------------------------------------------------------
 
@@ -230,16 +182,19 @@ def make_app(
     keys: Iterable[str] = (),
     limits: Limits = DEFAULT_LIMITS,
     feedback: Feedback | None = None,
+    engine: batching.Engine | None = None,
 ) -> FastAPI:
     """The app; with `keys`, every path but /health needs one (gptjax/inference/access.py);
-    `feedback`: where /v1/feedback keeps what it is told (default: RUN/feedback)."""
+    `feedback`: where /v1/feedback keeps what it is told (default: RUN/feedback); `engine`: the
+    batching engine to generate with (default: a new one with `limits`' sizes)."""
     app = FastAPI(title="gptjax", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, keys=tuple(keys), limits=limits)
-    worker = Worker()
+    if engine is None:
+        engine = batching.Engine(bot, limits.max_batch, limits.max_queue, limits.request_timeout)
     feedback = feedback or Feedback(FeedbackOptions(), bot.run_dir, bot.name)
     _add_error_handlers(app)
-    _add_info_routes(app, bot, worker)
-    _add_generation_routes(app, bot, worker, _Requests(bot, limits), feedback)
+    _add_info_routes(app, bot, engine)
+    _add_generation_routes(app, bot, engine, _Requests(bot, limits), feedback)
     _add_tokenizer_routes(app, bot)
     feedback.add_route(app)
     return app
@@ -317,6 +272,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def refused(request: Request, error: RequestError):
         return _error(400, str(error), error.param, error.code)
 
+    @app.exception_handler(batching.QueueFull)
+    async def busy(request: Request, error: batching.QueueFull):
+        answer = _error(503, str(error), code="server_busy")
+        answer.headers["Retry-After"] = str(error.retry_after)
+        return answer
+
+    @app.exception_handler(batching.RequestTimeout)
+    async def late(request: Request, error: batching.RequestTimeout):
+        return _error(504, str(error), code="request_timeout")
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
         return _error(error.status_code, str(error.detail))
@@ -326,13 +291,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, f"generation failed: {type(error).__name__}: {error}")
 
 
-def _add_info_routes(app: FastAPI, bot: Chatbot, worker: Worker) -> None:
-    """/health and /v1/models."""
+def _add_info_routes(app: FastAPI, bot: Chatbot, engine: batching.Engine) -> None:
+    """/health, /metrics and /v1/models."""
 
     @app.get("/health")
     async def health():
         name, context = bot.name, bot.context
-        return {"status": "ok", "model": name, "context": context, "queued": worker.pending()}
+        rows = {"queued": engine.queued(), "running": engine.running(), "max_batch": engine.rows}
+        return {"status": "ok", "model": name, "context": context, **rows}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return PlainTextResponse(metrics.render(engine.metrics()), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -341,7 +311,7 @@ def _add_info_routes(app: FastAPI, bot: Chatbot, worker: Worker) -> None:
 
 
 def _add_generation_routes(
-    app: FastAPI, bot: Chatbot, worker: Worker, requests: _Requests, feedback: Feedback
+    app: FastAPI, bot: Chatbot, engine: batching.Engine, requests: _Requests, feedback: Feedback
 ):
     """/v1/chat/completions and /v1/completions (generated, or scored by `Completions`); the
     generated replies are remembered for /v1/feedback."""
@@ -357,7 +327,8 @@ def _add_generation_routes(
         prompt_tokens = len(ids)
         asked = body.max_completion_tokens or body.max_tokens
         chosen = requests.settings(body, requests.room(prompt_tokens, asked))
-        pieces = worker.submit(lambda: bot.reply(messages, chosen, ids))
+        stops = bot.stopping(chosen, reply=True)
+        pieces = engine.submit(ids, chosen, *stops, route="chat")
         reply = Reply("chat.completion", "chatcmpl", bot.name, prompt_tokens)
         pieces = feedback.track(pieces, reply.id, messages=messages)
         if body.stream:
@@ -387,7 +358,7 @@ def _add_generation_routes(
         def job():
             yield scoring.answer(prompts, texts, chosen, body.echo, body.logprobs)
 
-        answers = [answer async for answer in worker.submit(job)]
+        answers = [answer async for answer in engine.exclusive(job)]
         choices, completion_tokens = answers[0]
         reply = Reply("text_completion", "cmpl", bot.name, sum(map(len, prompts)))
         reply.completion_tokens = completion_tokens
@@ -405,7 +376,8 @@ def _add_generation_routes(
         ids = bot.prompt_ids(prompt=prompt)  # encoded once per request
         prompt_tokens = len(ids)
         chosen = requests.settings(body, requests.room(prompt_tokens, body.max_tokens))
-        pieces = worker.submit(lambda: bot.complete(prompt, chosen, ids))
+        stops = bot.stopping(chosen, reply=False)
+        pieces = engine.submit(ids, chosen, *stops, route="completions")
         reply = Reply("text_completion", "cmpl", bot.name, prompt_tokens)
         pieces = feedback.track(pieces, reply.id, prompt=prompt)
         echo = prompt if body.echo else ""
@@ -441,13 +413,41 @@ def _add_tokenizer_routes(app: FastAPI, bot: Chatbot) -> None:
         return {"prompt": bot.tokenizer.decode(body.tokens)}
 
 
+class _Stream(StreamingResponse):
+    """A streamed response that listens for the client's disconnect while it streams
+    (whatever the ASGI version; Starlette's own notices it only at the next send): a client that
+    goes away ends its generation, and frees its batch row, at once."""
+
+    async def __call__(self, scope, receive, send):
+        async with anyio.create_task_group() as group:
+
+            async def stream():
+                try:
+                    await self.stream_response(send)
+                except OSError:  # the client went away while a piece was sent
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
     async def lines():
-        async for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as error:  # noqa: BLE001 - the headers are sent: an error event ends it
+            timeout = isinstance(error, batching.RequestTimeout)
+            message = str(error) if timeout else f"generation failed: {type(error).__name__}"
+            body = {"message": message, "type": "server_error", "param": None}
+            body["code"] = "request_timeout" if timeout else None
+            yield f"data: {json.dumps({'error': body})}\n\n"
+            return
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream")
+    return _Stream(lines(), media_type="text/event-stream")
 
 
 class Reply:
@@ -549,18 +549,22 @@ def serve(
     kept = Feedback(feedback or FeedbackOptions(), run_dir, name)  # its files read back first
     sock = listen(host, port)  # before loading: a taken port fails at once
     bot = Chatbot(run_dir, step, chunk, devices, mesh, quant)
-    for _ in bot.reply([{"role": "user", "content": "hi"}], Settings(max_new_tokens=2)):
-        pass  # compile the generator before the first request
+    engine = batching.Engine(
+        bot, limits.max_batch, limits.max_queue, limits.request_timeout, start=False
+    )
+    engine.warm(bot.prompt_ids([{"role": "user", "content": "hi"}]))  # compile before serving
+    engine.start()
     bound = sock.getsockname()[1]
     if warning:
         print(warning, file=sys.stderr, flush=True)
     guarded = f"an API key required ({len(keys)} accepted)" if keys else "no API key"
     print(
-        f"gptjax: serving {bot.name} on http://{host}:{bound}/v1, {guarded} (Ctrl-C stops)",
+        f"gptjax: serving {bot.name} on http://{host}:{bound}/v1, {guarded}, "
+        f"{engine.rows} requests at a time (Ctrl-C stops)",
         file=sys.stderr,
         flush=True,
     )
-    app = make_app(bot, keys, limits, kept)
+    app = make_app(bot, keys, limits, kept, engine)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=limits.keep_alive)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

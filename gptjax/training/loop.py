@@ -21,7 +21,7 @@ from gptjax.data import loader as data_loader
 from gptjax.data import sources
 from gptjax.data import tokenizer as tok
 from gptjax.data.pipeline import cache_root
-from gptjax.training import align, checkpoint, debug, metrics, runlock, runs
+from gptjax.training import align, checkpoint, debug, metrics, runlock, runs, teacher
 from gptjax.training.faults import NonFiniteSteps, PreemptionGuard
 from gptjax.training.monitor import StepMonitor
 
@@ -72,23 +72,34 @@ def _train(cfg: Config, progress: bool, task_eval: TaskEval | None) -> dict[str,
     sources.check(cfg.data)
     init = runs.init_source(cfg) if cfg.train.init_from else None  # (source run, step)
     reference = align.check(cfg)  # train.objective=dpo: the frozen reference (run, step)
+    distill = teacher.source(cfg) if cfg.train.distill_from else None  # (teacher run, step)
     # a failure before anything is written (a missing data file) removes a new run_dir again
     with runs.new_or_existing(cfg) as run_dir, runlock.hold(run_dir):  # one writer at a time
-        return _run(cfg, setup, run_dir, progress, init, task_eval, reference)
+        return _run(cfg, setup, run_dir, progress, init, task_eval, reference, distill)
 
 
 def _run(
-    cfg: Config, setup: steps.Setup, run_dir: Path, progress: bool, init, task_eval, reference
+    cfg: Config,
+    setup: steps.Setup,
+    run_dir: Path,
+    progress: bool,
+    init,
+    task_eval,
+    reference,
+    distill=None,
 ) -> dict[str, Any]:
     lead = jax.process_index() == 0
-    data = _open_run(cfg, run_dir, progress and lead, init, lead)
+    data = _open_run(cfg, run_dir, progress and lead, init, lead, distill)
     ckpt = checkpoint.Checkpointer(
         run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, cfg.checkpoint.keep_period
     )
     state, start = _starting_state(cfg, setup, run_dir, ckpt, init, lead)
     monitor = StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
     objective = align.objective(cfg, setup, run_dir, reference, lead)  # None: the LM loss
-    train_step = monitor.wrap(steps.make_train_step(setup, objective and objective.step))
+    step_objective = objective and objective.step
+    if distill:  # train.distill_from: the frozen teacher, parameters only
+        step_objective = teacher.load(cfg, setup, distill)
+    train_step = monitor.wrap(steps.make_train_step(setup, step_objective))
     eval_step = monitor.wrap(steps.make_eval_step(setup, data.token_bytes), "eval")
     log = _step_logger(cfg, setup, run_dir, start, progress and lead, lead, monitor)
     late = _LateReport(log, NonFiniteSteps(cfg.train.max_bad_steps))
@@ -166,13 +177,18 @@ def _every(period: int, done: int) -> bool:
     return bool(period) and done % period == 0
 
 
-def _open_run(cfg: Config, run_dir: Path, progress: bool, init, lead: bool):
-    """The run's data; the config and tokenizer saved in run_dir (by the lead process)."""
+def _open_run(cfg: Config, run_dir: Path, progress: bool, init, lead: bool, distill=None):
+    """The run's data; the config and tokenizer saved in run_dir (by the lead process). A new
+    run takes the tokenizer of init_from's run, else of distill_from's, which must be the one
+    the run uses (checked before anything is written)."""
     changed = runs.check_resume(run_dir, cfg)
     if changed and lead:
         print(f"gptjax: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
-    source_tokenizer = tok.find(init[0]) if init else None
+    source = init or distill
+    source_tokenizer = tok.find(source[0]) if source else None
     data = runs.load_data(cfg, run_dir, progress, source_tokenizer)
+    if distill:
+        teacher.check_tokenizer(cfg, distill[0], data.tokenizer)
     if lead and (table := runs.mixture_table(cfg, data)):
         print(table, file=sys.stderr)
     if lead:
