@@ -69,9 +69,21 @@ class Int8:
         return Int8(self.values.T, self.scale.T)
 
     def __getitem__(self, index) -> Int8:
-        if index is Ellipsis:  # nnx.Variable[...]
+        """nnx.Variable[...] (itself) or leading-axis indexing (a layer of the stack): the
+        scales keep every axis but the contracted ones, so both index alike."""
+        if index is Ellipsis:
             return self
-        raise TypeError("an Int8 weight is read whole (astype) or by rows (take)")
+        return Int8(self.values[index], self.scale[index])
+
+    def reshape(self, *shape) -> Int8:
+        """Split the leading (layers) axis: shape = (..., *self.shape[1:])."""
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        rest = self.ndim - 1
+        if tuple(shape[len(shape) - rest :]) != self.shape[1:]:
+            raise ValueError(f"an Int8 weight {self.shape} reshapes its leading axis only")
+        lead = tuple(shape[: len(shape) - rest])
+        return Int8(self.values.reshape(*lead, *self.shape[1:]),
+                    self.scale.reshape(*lead, *self.scale.shape[1:]))  # fmt: skip
 
     def astype(self, dtype) -> jax.Array:
         """The dequantised weight in `dtype`."""
