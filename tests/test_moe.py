@@ -93,13 +93,13 @@ def test_dropless_forward_and_gradients_equal_a_numpy_loop_over_experts(variant)
     R = np.random.default_rng(9).standard_normal(h.shape)  # the loss: <y, R>
 
     def loss(p, h):
-        return jnp.sum(moe.moe_mlp(p, h, cfg)[0] * R)
+        y, aux = moe.moe_mlp(p, h, cfg)
+        return jnp.sum(y * R), (y, aux)
 
     f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-    y, aux = jax.jit(lambda p, h: moe.moe_mlp(p, h, cfg))(f32(p), f32(h))
+    (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(f32(p), f32(h))
     np.testing.assert_allclose(np.asarray(y), want, rtol=2e-4, atol=2e-4)
     assert float(aux["dropped"]) == 0 and float(aux["assigned"]) == h.size // D * K
-    grads = jax.jit(jax.grad(loss, (0, 1)))(f32(p), f32(h))
     # each gradient along a random direction against the NumPy loop's central difference
     rng, eps = np.random.default_rng(5), 1e-5
     inputs = {**p, "h": h}
@@ -204,3 +204,134 @@ def test_bad_moe_config_is_one_line(keys, message):
     with pytest.raises(ConfigError, match=message) as error:
         config.load(None, ["model.n_layer=2", *overrides])
     assert "\n" not in str(error.value)
+
+
+def test_parameter_counts_split_total_active_and_embedding():
+    """configs/debug_moe.yaml: 2 layers of 4 experts (3 · 64 · 128 each), top-2, an untied
+    512 x 64 token table."""
+    cfg = config.load(ROOT / "configs" / "debug_moe.yaml").model
+    counts = model.param_counts(cfg)
+    experts = 2 * 4 * 3 * 64 * 128
+    assert counts["expert_params"] == experts
+    assert counts["active_params"] == counts["params"] - experts // 2  # 2 of 4 experts
+    assert counts["embedding_params"] == 512 * 64
+    assert counts["active_non_embedding_params"] == counts["active_params"] - 512 * 64
+    dense = cfg.model_copy(update={"moe": None})
+    # what a token uses: the dense model's MLP swapped for 2 SwiGLU experts and a router
+    router = 2 * 64 * 4
+    assert counts["active_params"] == model.param_counts(dense)["params"] + router + 2 * (
+        2 * 3 * 64 * 128 - 3 * 64 * 128
+    )
+    from gptjax.core import flops
+
+    attention = flops.flops_per_token(cfg) - 6 * counts["active_params"]
+    assert attention == 12 * 4 * 16 * 2 * 64  # the rest of 6N + 12LHQT is the attention term
+
+
+# --- the model: train steps, generation -----------------------------------------------------
+
+
+def numpy_params(cfg, seed, scale=0.1):
+    """Every parameter around its initial value (norm gains 1, the rest 0), in NumPy from the
+    model's own shapes (no JAX initialisation to compile)."""
+    rng = np.random.default_rng(seed)
+    params: dict = {}
+    for name, shape in model.param_shapes(cfg).items():
+        base = 1.0 if name.endswith("_scale") else 0.0
+        *parents, last = name.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = (base + scale * rng.standard_normal(shape)).astype(np.float32)
+    return params
+
+
+def test_a_moe_train_step_learns_and_logs_the_router_figures(tmp_path):
+    """8 steps on one batch: the loss falls; the metrics carry moe/aux_loss, moe/z_loss and the
+    dropped fraction of a capacity factor of 1; the reported loss is the language-model loss
+    alone (the router losses go into the gradient, not into the logged loss)."""
+    from gptjax.core import steps
+
+    cfg = config.load(
+        ROOT / "configs" / "debug_moe.yaml",
+        [f"run_dir={tmp_path}", "model.seq_len=32", "train.batch_size=4",
+         "model.moe.capacity_factor=1.0", "model.moe.aux_loss=0.1", "optim.warmup_steps=0"],
+    )  # fmt: skip
+    setup = steps.build(cfg, jax.devices()[:1])
+    state = steps.fresh_state(setup, numpy_params(cfg.model, 0, scale=0.02))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (4, 33)).astype(np.int32)  # 64 ids: learnable in 8 steps
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": np.ones((4, 32), np.int32),
+        "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1)),
+        "segment_ids": np.ones((4, 32), np.int32),
+    }
+    step = steps.make_train_step(setup)
+    history = []
+    for _ in range(8):
+        state, stats = step(state, batch)
+        history.append({k: float(v) for k, v in stats.items()})
+    # small weights: the first loss is about ln(vocab); 0.1 · aux_loss (>= 0.2) is not in it
+    assert history[0]["loss"] == pytest.approx(math.log(512), abs=0.1)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3
+    for record in history:
+        assert record["moe/aux_loss"] >= 2.0 - 1e-4  # top_k 2: balanced routing scores 2
+        assert record["moe/z_loss"] > 0
+        assert 0 <= record["moe/dropped"] < 0.5
+    assert any(record["moe/dropped"] > 0 for record in history)
+
+
+def test_generation_with_the_cache_routes_each_token_as_the_full_forward_does(tmp_path):
+    """Greedy tokens decoded with the KV cache (prefill, then one token a step, each routed on
+    its own) equal the argmax of a dropless full forward over the whole text; the model is in
+    capacity mode (capacity factor 1), which generation ignores."""
+    from flax import nnx
+
+    from gptjax.core import steps
+    from gptjax.inference import generate
+    from gptjax.inference.generate import Sampling
+
+    overrides = [f"run_dir={tmp_path}", "model.moe.capacity_factor=1.0"]
+    cfg = config.load(ROOT / "configs" / "debug_moe.yaml", overrides)
+    setup = steps.build_model(cfg, jax.devices()[:1])
+    params = jax.tree.map(jnp.asarray, numpy_params(cfg.model, 1, scale=0.15))
+    prompt = np.random.default_rng(2).integers(2, 512, 7).tolist()
+    gen = generate.Generator(setup, params, 8)
+    got = []
+    for tokens, emitted, _ in gen.stream([prompt], 24, Sampling(0.0)):
+        got += tokens[0][emitted[0]].tolist()
+
+    dropless = cfg.model.model_copy(update={"moe": cfg.model.moe.model_copy(
+        update={"capacity_factor": None})})  # fmt: skip
+    graphdef, _ = model.abstract(dropless)
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    seq = list(prompt)
+    while len(seq) < len(prompt) + 24:
+        window = np.zeros((1, 64), np.int32)
+        window[0, : len(seq)] = seq
+        seq.append(int(np.argmax(np.asarray(forward(params, window)[0, len(seq) - 1]))))
+    assert got == seq[len(prompt) :]
+    assert len(set(got)) > 3  # not one token repeated
+
+
+def test_plan_counts_gpt_oss_120b_by_hand_and_its_expert_bytes_per_device():
+    """configs/gpt_oss_120b.yaml on 8 devices (expert 8), nothing compiled: total and active
+    parameters from the shapes by hand, the experts' f32 weights split 8 ways."""
+    from gptjax.tools import plan
+
+    cfg = config.load(ROOT / "configs" / "gpt_oss_120b.yaml")
+    L, D, N, Kv, H, E, k, F, V = 36, 2880, 64, 8, 64, 128, 4, 2880, 201088
+    attention = D * N * H + D * 2 * Kv * H + N * H + 2 * Kv * H + N * H * D + D + N + 2 * D
+    experts = 3 * E * D * F + E * (2 * F + D)
+    router = D * E + E
+    total = L * (attention + router + experts) + D + 2 * V * D  # final norm, untied head
+    report = plan.plan(cfg, jax.devices()[:8], xla=False)
+    assert report["params"] == total == 116_829_156_672
+    assert report["expert_params"] == L * experts
+    assert report["active_params"] == total - L * experts + L * experts * k // E
+    assert report["active_non_embedding_params"] == report["active_params"] - V * D
+    assert report["mesh"]["expert"] == 8
+    assert report["bytes_per_device"]["experts"] == 4 * L * experts // 8
+    assert "active parameters    5,711,982,912" in plan.format_text(report)

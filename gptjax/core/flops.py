@@ -38,7 +38,7 @@ PEAK_FLOPS = {
 
 
 FLOPS_FORMULA = (
-    "6N + 12LHQT (PaLM appendix B; N without position embeddings; "
+    "6N + 12LHQT (PaLM appendix B; N the active parameters without position embeddings; "
     "T is min(W, T) in a local:W layer)"
 )
 
@@ -46,14 +46,16 @@ FLOPS_FORMULA = (
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, PaLM appendix B: 6·N + 12·N_head·d_head·Σ_layers T_l.
 
-    N counts every parameter except position embeddings (the tied token table counts once, as
-    the output projection), so grouped-query attention's smaller key/value projections count
-    as they are. The attention term counts the score and value products of every query head
-    over the keys a query may see, unmasked: T_l = T for a dense layer (the full score matrix,
+    N counts every active parameter except position embeddings (the tied token table counts
+    once, as the output projection), so grouped-query attention's smaller key/value projections
+    count as they are; a mixture of experts counts top_k of its experts and the whole router
+    (model.param_counts' active_params), whatever a capacity pads or drops. The attention
+    term counts the score and value products of every query head over the keys a query may
+    see, unmasked: T_l = T for a dense layer (the full score matrix,
     as PaLM), min(W, T) for a `local:W` layer (its band).
     """
     counts = param_counts(cfg)
-    n = counts["params"] - counts["position_params"]
+    n = counts["active_params"] - counts["position_params"]
     T = seq_len or cfg.seq_len
     seen = sum(T if w is None else min(w, T) for w in cfg.windows())
     return 6.0 * n + 12.0 * cfg.n_head * cfg.head_dim * seen

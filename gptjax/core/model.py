@@ -446,14 +446,27 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 @functools.cache
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts from the model's shapes: total, without the embedding tables (Kaplan's
-    N), and the position table alone."""
+    N), the embedding tables, the position table alone, the experts' weights (every parameter
+    with an `expert` axis) and the active parameters (what one token uses: the experts' weights
+    times top_k / experts, everything else, the router included, whole)."""
     _, state = abstract(cfg)
     sizes = jax.tree.leaves(jax.tree.map(lambda x: math.prod(x.shape), nnx.to_pure_dict(state)))
     kinds = jax.tree.leaves(declared(state, "embedding"), is_leaf=lambda x: x is None)
+    axes = jax.tree.leaves(declared(state, "out_sharding"), is_leaf=lambda x: isinstance(x, tuple))
     total = sum(sizes)
     embedding = sum(n for n, kind in zip(sizes, kinds, strict=True) if kind is not None)
     position = sum(n for n, kind in zip(sizes, kinds, strict=True) if kind == "position")
-    return {"params": total, "non_embedding_params": total - embedding, "position_params": position}
+    expert = sum(n for n, names in zip(sizes, axes, strict=True) if "expert" in names)
+    active = total - expert + (expert * cfg.moe.top_k // cfg.moe.experts if cfg.moe else 0)
+    return {
+        "params": total,
+        "non_embedding_params": total - embedding,
+        "embedding_params": embedding,
+        "position_params": position,
+        "expert_params": expert,
+        "active_params": active,
+        "active_non_embedding_params": active - embedding,
+    }
 
 
 def count_params(params: dict[str, Any]) -> int:

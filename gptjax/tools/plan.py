@@ -93,6 +93,19 @@ def param_rows(setup: steps.Setup) -> list[dict[str, Any]]:
     return rows
 
 
+def expert_bytes(setup: steps.ModelSetup) -> int:
+    """Bytes per device of the experts' weights (the parameters with an `expert` axis)."""
+    _, state = model.abstract(setup.model_cfg)
+    declared = model.declared(state, "out_sharding")
+    is_axes = lambda x: isinstance(x, tuple)
+    axes = {
+        model.param_name(path): names
+        for path, names in jax.tree_util.tree_leaves_with_path(declared, is_leaf=is_axes)
+    }
+    leaves = model.by_name(setup.abstract_params)
+    return sum(_shard_bytes(leaves[name]) for name, names in axes.items() if "expert" in names)
+
+
 def state_bytes(setup: steps.Setup) -> dict[str, int]:
     """Bytes per device of params, gradients (same shapes, dtype and shardings as the params;
     one copy, as when micro_batches=1) and optimiser state (Adam's two moments and counters)."""
@@ -164,6 +177,10 @@ def plan(
         "mesh": dict(setup.mesh.shape),
         "params": counts["params"],
         "non_embedding_params": counts["non_embedding_params"],
+        "embedding_params": counts["embedding_params"],
+        "active_params": counts["active_params"],
+        "active_non_embedding_params": counts["active_non_embedding_params"],
+        "expert_params": counts["expert_params"],
         "flops_per_token": per_token,
         "flops_formula": FLOPS_FORMULA,
         "batch_size": cfg.train.batch_size,
@@ -171,7 +188,11 @@ def plan(
         "tokens_per_step": tokens,
         "flops_per_step": per_token * tokens,
         "micro_batches": cfg.train.micro_batches,
-        "bytes_per_device": {**state, "xla_total": memory["total"] if memory else None},
+        "bytes_per_device": {
+            **state,
+            **({"experts": expert_bytes(setup)} if counts["expert_params"] else {}),
+            "xla_total": memory["total"] if memory else None,
+        },
         "xla": memory,
         "compiler": "XLA:GPU" if target is not None else f"XLA:{devices[0].platform.upper()}",
         "param_table": param_rows(setup),
@@ -242,7 +263,8 @@ def format_text(report: dict[str, Any], show_params: bool = False) -> str:
     lines = [
         f"devices              {report['devices']} (mesh {mesh})",
         f"parameters           {report['params']:,} "
-        f"(non-embedding {report['non_embedding_params']:,})",
+        f"(non-embedding {report['non_embedding_params']:,}, "
+        f"embedding {report['embedding_params']:,})",
         f"training FLOPs/token {report['flops_per_token']:.4g}   {report['flops_formula']}",
         f"tokens/step          {report['tokens_per_step']:,} = {report['batch_size']} × "
         f"{report['seq_len']} in {report['micro_batches']} micro-batch(es); "
@@ -252,6 +274,12 @@ def format_text(report: dict[str, Any], show_params: bool = False) -> str:
         f"  grads              {_gib(size['grads'])}",
         f"  optimizer state    {_gib(size['opt_state'])}",
     ]
+    if report["expert_params"]:
+        lines[2:2] = [
+            f"active parameters    {report['active_params']:,} per token (non-embedding "
+            f"{report['active_non_embedding_params']:,}; experts' weights "
+            f"{report['expert_params']:,} in all, {_gib(size['experts'])} per device)"
+        ]
     memory = report["xla"]
     if memory is None:
         lines.append("  XLA analysis       skipped (--no-xla)")
