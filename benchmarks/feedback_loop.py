@@ -4,9 +4,10 @@
     python benchmarks/feedback_loop.py measure URL [--questions 100 --samples 4 --likes '?']
 
 The questions are chitchat conversations cut before an assistant turn (the first three messages:
-user, assistant, user): `collect` takes them from the start of the corpus, `measure` from its
-end, so the replies measured answer conversations no feedback was given on. The simulated user
-likes a reply that holds `--likes` (default '?': replies that ask something back).
+user, assistant, user) that leave room for a reply in the context: `collect` takes them from the
+start of the corpus, `measure` from its end, so the replies measured answer conversations no
+feedback was given on. The simulated user likes a reply that holds `--likes` (default '?':
+replies that ask something back).
 
 collect: asks each question --samples times (temperature 1, seeds 0..), posts a rating of each
 reply to /v1/feedback (good when it holds --likes, bad otherwise), and prints how many replies,
@@ -54,6 +55,13 @@ def ask(url, messages, seed, max_tokens, key) -> tuple[str, str]:
     return answer["id"], answer["choices"][0]["message"]["content"]
 
 
+def fits(url, messages, max_tokens, key) -> bool:
+    """The conversation leaves room for a reply of max_tokens in the model's context."""
+    text = "".join(m["content"] for m in messages)
+    tokens = post(url, "/tokenize", {"prompt": text}, key)
+    return tokens["count"] + 4 * len(messages) + max_tokens <= tokens["max_model_len"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["collect", "measure"])
@@ -65,7 +73,8 @@ def main() -> None:
     p.add_argument("--key", default=None, help="the server's API key, if it has one")
     args = p.parse_args()
     n = args.questions or (150 if args.what == "collect" else 100)
-    talks = questions(n, from_end=args.what == "measure")
+    talks = questions(2 * n, from_end=args.what == "measure")
+    talks = [t for t in talks if fits(args.url, t, args.max_tokens, args.key)][:n]
     liked = replies = pairs = 0
     for talk in talks:
         for seed in range(args.samples):
