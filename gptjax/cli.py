@@ -317,6 +317,17 @@ def _prefs_build(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    """`gptjax score RUN PAIRS`: a reward model's accuracy and margin on pairs (one JSON line)."""
+    from gptjax.training import align
+
+    result = align.score(args.run_dir, args.pairs, args.step)
+    if not args.per_pair:
+        result.pop("scores")
+    print(json.dumps(result))
+    return 0
+
+
 def _data_plan(args) -> int:
     from gptjax import config
     from gptjax.config import MixtureSource
@@ -611,6 +622,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=1000")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_data_plan)
+
+    p = commands.add_parser("score", help="a reward model's pair accuracy and margin on PAIRS")
+    p.add_argument("run_dir", help="a run trained with train.objective=reward")
+    p.add_argument("pairs", help="preference pairs JSONL (docs/preference.md)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    p.add_argument("--per-pair", action="store_true", help="also each pair's two scores")
+    p.set_defaults(run=_score)
 
     p = commands.add_parser("prefs", help="preference pairs: `prefs build SOURCE --out FILE`")
     prefs_commands = p.add_subparsers(dest="prefs_command", required=True)

@@ -21,7 +21,7 @@ from gptjax.core import model, preference
 from gptjax.data import DataError, chat, load_dataset, prefs
 from gptjax.data import tokenizer as tok
 from gptjax.interop import hf, hf_families
-from gptjax.training import loop
+from gptjax.training import align, loop
 
 
 def pair_lines(n: int = 40, seed: int = 0) -> list[dict]:
@@ -386,3 +386,56 @@ def test_pairs_built_from_conversations(tmp_path):
         assert not pair["rejected"].startswith(f"c{c} ")  # another conversation's
     out = prefs.write(tmp_path / "pairs.jsonl", built)
     assert [p.chosen for p in prefs.read(str(out))] == [p["chosen"] for p in built]
+
+
+# --- reward models -----------------------------------------------------------------------------
+
+
+def marker_pairs(n: int, shuffled: bool, seed: int = 0) -> list[dict]:
+    """The chosen reply always carries the marker word `ok` (before its answer, so the last
+    token does not give it away); `shuffled`: chosen and rejected swapped at random."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for x in pair_lines(n, seed):
+        answer = x["chosen"]
+        chosen, rejected = f"ok {answer}", answer
+        if shuffled and rng.random() < 0.5:
+            chosen, rejected = rejected, chosen
+        out.append({**x, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_reward_model_learns_a_marker_and_not_shuffled_labels(sft_run, cache_dir, shuffled):
+    root, _ = sft_run
+    pairs = write_pairs(root / f"marker-{shuffled}.jsonl", marker_pairs(160, shuffled))
+    run = root / f"reward-{shuffled}"
+    overrides = [
+        f"train.init_from={root / 'sft'}",
+        "train.objective=reward",
+        f"data.source=prefs:{pairs}",
+        "data.val_fraction=0.25",
+        "train.steps=40",
+        "train.batch_size=16",
+        "train.eval_every=0",
+        "train.log_every=10",
+    ]
+    result = loop.train(tiny_config(run, cache_dir, *overrides), progress=False)
+    held_out = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    before = next(x for x in held_out if x["step"] == 0)
+    assert before["eval_pref_loss"] > 0
+    print("held-out pair accuracy", result["eval_pref_acc"], "margin", result["eval_pref_margin"])
+    if shuffled:
+        assert 0.25 <= result["eval_pref_acc"] <= 0.75  # chance: ~40 held-out pairs
+    else:
+        assert result["eval_pref_acc"] >= 0.95 and result["eval_pref_margin"] > 1.0
+    # `gptjax score` on the held-out pairs agrees with the run's own evaluation
+    val = prefs.split(prefs.read(str(pairs)), 0.25)[1]
+    held = write_pairs(
+        root / f"held-{shuffled}.jsonl",
+        [{"messages": p.messages, "chosen": p.chosen, "rejected": p.rejected} for p in val],
+    )
+    scored = align.score(run, str(held))
+    assert scored["pairs"] == len(val)
+    assert scored["accuracy"] == pytest.approx(result["eval_pref_acc"], abs=1e-9)
+    assert scored["margin"] == pytest.approx(result["eval_pref_margin"], rel=1e-4, abs=1e-5)

@@ -14,6 +14,10 @@ the mean over the pairs of the global batch. With π = π_ref, h = 0 and the los
 β(log π - log π_ref) of the chosen and the rejected reply, their margin h and the accuracy
 (h > 0) are logged.
 
+A reward model (`train.objective=reward`) scores a reply with a scalar head on the final hidden
+state of its last token (`reward_scores`) and is trained with the Bradley-Terry loss
+-log σ(r_w - r_l).
+
 The reference's log-probabilities are computed in the same jitted step: its parameters are a
 step input sharded like the policy's (no optimiser state, never updated, never checkpointed),
 one extra forward pass per step, no gradient.
@@ -27,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from gptjax.core import sharding, steps
 
@@ -85,27 +90,13 @@ def split_pairs(batch: dict, micro_batches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def dpo_loss_and_grads(
-    graphdef,
-    params,
-    ref_params,
-    batch: dict,
-    micro_batches: int,
-    s: Settings,
-    key=None,
-    segments=False,
-):
-    """(mean pair loss, its gradient, scored tokens, {stat: mean over pairs})."""
+def _pair_loss_and_grads(loss_fn, params, batch: dict, micro_batches: int, key=None):
+    """(mean pair loss, its gradient, scored tokens, {stat: mean over pairs}) of
+    `loss_fn(params, micro, key) -> (sum of the micro-batch's pair losses, {stat: sum})`,
+    micro-batches of whole pairs accumulated in one f32 buffer."""
     pairs = batch["inputs"].shape[0] // 2
     count = batch["loss_mask"].astype(jnp.float32).sum()
-
-    def loss_fn(params, micro, key):
-        policy = sequence_logps(graphdef, params, micro, key, segments).reshape(-1, 2)
-        reference = sequence_logps(graphdef, ref_params, micro, None, segments).reshape(-1, 2)
-        losses, h, rewards = pair_losses(policy, jax.lax.stop_gradient(reference), s)
-        return losses.sum() / pairs, _stat_sums(h, rewards)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, m, k: _scaled(loss_fn(p, m, k), pairs), has_aux=True)
     if micro_batches == 1:
         (loss, sums), grads = grad_fn(params, batch, key)
     else:
@@ -128,6 +119,71 @@ def dpo_loss_and_grads(
         )
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     return loss, grads, count, {name: v / pairs for name, v in sums.items()}
+
+
+def _scaled(loss_and_sums, pairs: int):
+    loss_sum, sums = loss_and_sums
+    return loss_sum / pairs, sums
+
+
+def dpo_loss_and_grads(
+    graphdef,
+    params,
+    ref_params,
+    batch: dict,
+    micro_batches: int,
+    s: Settings,
+    key=None,
+    segments=False,
+):
+    """(mean pair loss, its gradient, scored tokens, {stat: mean over pairs})."""
+
+    def loss_fn(params, micro, key):
+        policy = sequence_logps(graphdef, params, micro, key, segments).reshape(-1, 2)
+        reference = sequence_logps(graphdef, ref_params, micro, None, segments).reshape(-1, 2)
+        losses, h, rewards = pair_losses(policy, jax.lax.stop_gradient(reference), s)
+        return losses.sum(), _stat_sums(h, rewards)
+
+    return _pair_loss_and_grads(loss_fn, params, batch, micro_batches, key)
+
+
+# --- reward models ------------------------------------------------------------------------------
+
+
+def reward_scores(graphdef, params, batch: dict, token: int, key=None, segments=False):
+    """Each row's scalar reward [B] f32: the final hidden state at the reply's last token (the
+    row's last scored position, whose target is the reply's `<|end|>`) times the output head's
+    row of `token` (the run's end-of-document id: never a target inside a pair's rows, and as an
+    input only in padding after the reply, which a causal model never reads back)."""
+    gpt = nnx.merge(graphdef, params)
+    positions = batch["positions"] if segments else None
+    segment_ids = batch["segment_ids"] if segments else None
+    h_BTD = gpt.hidden(batch["inputs"], key, positions_BT=positions, segment_ids_BT=segment_ids)
+    mask = batch["loss_mask"]
+    T = mask.shape[1]
+    last_B = T - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)
+    h_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
+    return h_BD.astype(jnp.float32) @ gpt.head()[token].astype(jnp.float32)
+
+
+def bradley_terry(scores_P2: jax.Array):
+    """(loss per pair -log σ(r_w - r_l), margin r_w - r_l, the scores as the 'rewards')."""
+    margin = scores_P2[:, 0] - scores_P2[:, 1]
+    return -jax.nn.log_sigmoid(margin), margin, scores_P2
+
+
+def reward_loss_and_grads(
+    graphdef, params, batch: dict, micro_batches: int, token: int, key=None, segments=False
+):
+    """The Bradley-Terry loss of a reward model: (mean pair loss, gradient, scored tokens,
+    {stat: mean over pairs}); `reward_chosen`/`reward_rejected` are the mean scores."""
+
+    def loss_fn(params, micro, key):
+        scores = reward_scores(graphdef, params, micro, token, key, segments).reshape(-1, 2)
+        losses, margin, scores = bradley_terry(scores)
+        return losses.sum(), _stat_sums(margin, scores)
+
+    return _pair_loss_and_grads(loss_fn, params, batch, micro_batches, key)
 
 
 @dataclass
@@ -161,8 +217,8 @@ class DPO:
         )
 
     def make_eval(self):
-        """jit(params, batch, valid pairs [P]) -> sums of the pair loss and PAIR_STATS over the
-        valid pairs, and their count."""
+        """jit(params, batch, valid pairs [P]) -> sums over the valid pairs of the pair loss,
+        PAIR_STATS and the policy's own log-probability margin and accuracy, and their count."""
         setup, s = self.setup, self.settings
         segments = setup.cfg.data.packing == "segments"
 
@@ -174,6 +230,10 @@ class DPO:
             sums = {"loss": (losses * w).sum(), "pairs": w.sum()}
             sums |= _stat_sums(h * w, rewards * w[:, None])
             sums["accuracy"] = ((h > 0) * w).sum()
+            # the policy's own preference, no reference: log pi(chosen) - log pi(rejected)
+            own = policy[:, 0] - policy[:, 1]
+            sums["logp_margin"] = (own * w).sum()
+            sums["logp_accuracy"] = ((own > 0) * w).sum()
             return sums
 
         jitted = jax.jit(
@@ -189,5 +249,58 @@ class DPO:
         def run(params, batch, valid):
             with setup.activate():
                 return jitted(params, self.reference, batch, valid)
+
+        return run
+
+
+@dataclass
+class Reward:
+    """train.objective=reward for steps.make_train_step: no extra inputs."""
+
+    setup: Any  # steps.Setup
+    token: int  # the head row that scores (the end-of-document id)
+    inputs: Any = None
+    shardings: Any = None
+
+    def loss_and_grads(self, params, batch, micro_batches, key, _inputs):
+        segments = self.setup.cfg.data.packing == "segments"
+        return reward_loss_and_grads(
+            self.setup.graphdef, params, batch, micro_batches, self.token, key, segments
+        )
+
+    def make_eval(self):
+        """jit(params, batch, valid pairs [P]) -> sums over the valid pairs (see DPO)."""
+        setup, token = self.setup, self.token
+        segments = setup.cfg.data.packing == "segments"
+
+        def fn(params, batch, valid):
+            scores = reward_scores(setup.graphdef, params, batch, token, None, segments)
+            losses, margin, scores = bradley_terry(scores.reshape(-1, 2))
+            w = valid.astype(jnp.float32)
+            sums = {"loss": (losses * w).sum(), "pairs": w.sum()}
+            sums |= _stat_sums(margin * w, scores * w[:, None])
+            sums["accuracy"] = ((margin > 0) * w).sum()
+            return sums
+
+        jitted = jax.jit(fn, in_shardings=(setup.param_shardings, setup.batch_shardings, None))
+
+        def run(params, batch, valid):
+            with setup.activate():
+                return jitted(params, batch, valid)
+
+        return run
+
+    def make_scores(self):
+        """jit(params, batch) -> each row's reward [B] (`gptjax score`, best-of-n)."""
+        setup, token = self.setup, self.token
+        segments = setup.cfg.data.packing == "segments"
+        fn = lambda params, batch: reward_scores(
+            setup.graphdef, params, batch, token, None, segments
+        )
+        jitted = jax.jit(fn, in_shardings=(setup.param_shardings, setup.batch_shardings))
+
+        def run(params, batch):
+            with setup.activate():
+                return jitted(params, batch)
 
         return run

@@ -95,7 +95,7 @@ def _run(
     )
     state, start = _starting_state(cfg, setup, run_dir, ckpt, init, lead)
     monitor = StepMonitor(cfg, setup, lead)  # watchdog; debug timings and NaN checks
-    objective = align.objective(cfg, setup, run_dir, reference, lead)  # None: the LM loss
+    objective = align.objective(cfg, setup, run_dir, reference, lead, data)  # None: LM loss
     step_objective = objective and objective.step
     if distill:  # train.distill_from: the frozen teacher, parameters only
         step_objective = teacher.load(cfg, setup, distill)
