@@ -490,7 +490,7 @@ def test_mxfp4_dequantization_equals_transformers():
     np.testing.assert_array_equal(ours, convert_moe_packed_tensors(b, sc).float().numpy())
 
 
-def test_gpt_oss_mxfp4_checkpoint_imports(hf_dirs, tokenizer, tmp_path):
+def test_gpt_oss_mxfp4_checkpoint_imports(hf_dirs, imported, tokenizer, tmp_path):
     """A gpt-oss directory as the Hub stores it: the experts' gate_up_proj and down_proj as
     MXFP4 `_blocks` + `_scales` (uint8) and a quantization_config. Imported, its logits are those
     of the transformers model holding transformers' own dequantization of the same bytes."""
@@ -521,10 +521,18 @@ def test_gpt_oss_mxfp4_checkpoint_imports(hf_dirs, tokenizer, tmp_path):
     config = json.loads((packed / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
     (packed / "config.json").write_text(json.dumps(config))
-    run = tmp_path / "run"
-    assert cli.main(["import", "hf", str(packed), "--run-dir", str(run)]) == 0
-    setup, params, _ = runs.load_run(run)
-    ids = np.array([tokenizer.encode(TEXT).ids[:40]], np.int32)
-    ours = np.asarray(FORWARD(setup.graphdef, params, ids))[..., : tokenizer.get_vocab_size()]
+    # the import's own steps (config.json accepted, tensors read and dequantized), into the
+    # block `gptjax import hf` made of the unpacked directory (its forward already compiled)
+    hf_config_json, family = hf.read_config(packed)
+    fixed, _ = hf.model_fields(hf_config_json, family, tokenizer.get_vocab_size())
+    cfg = runs.read_config(imported["gpt_oss"]).model
+    assert fixed["moe"]["experts"] == cfg.moe.experts and fixed["attention_sinks"]
+    tensors = hf.read_tensors(packed, family.prefix)
+    assert tensors["layers.0.mlp.experts.down_proj_blocks"].dtype == np.uint8
+    params = hf.to_gptjax(tensors, cfg, hf_config_json["vocab_size"], family)
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    ids = rows_and_greedy(tokenizer, prompt_ids, tokenizer.encode(TEXT[20:]).ids[:NEW])
+    V = tokenizer.get_vocab_size()
+    ours = np.asarray(FORWARD(model_module.abstract(cfg)[0], params, ids))[..., :V]
     np.testing.assert_allclose(ours, hf_logits(model, ids), atol=ATOL, rtol=0)
     assert np.abs(ours - hf_logits(theirs, ids)).max() > 0.1  # the packed experts are new
