@@ -91,14 +91,13 @@ def check(model_cfg, mesh, rules, tokens: int | None = None) -> None:
             "add expert to mesh.rules.batch"
         )
     if tokens is not None and moe_cfg.capacity_factor is not None:
-        from gptjax.core import moe  # moe imports this module
-
-        capacity = moe.capacity(tokens, model_cfg)
-        if capacity is not None and capacity < 1:
+        room = moe_cfg.capacity_factor * tokens * moe_cfg.top_k / moe_cfg.experts
+        if room < 1:
             raise ConfigError(
                 f"model.moe.capacity_factor={moe_cfg.capacity_factor} leaves each expert room "
-                f"for {capacity} tokens ({tokens} tokens × top_k {moe_cfg.top_k} / "
-                f"{moe_cfg.experts} experts); raise it, or set it to null (dropless)"
+                f"for {room:.3g} tokens ({tokens} tokens per micro-batch × top_k "
+                f"{moe_cfg.top_k} / {moe_cfg.experts} experts), less than one; raise it, or "
+                "set it to null (dropless)"
             )
 
 
