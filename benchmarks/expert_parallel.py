@@ -5,9 +5,10 @@ dispatch) against every device holding every expert, measured interleaved.
 
 Contenders (one train step each, compiled ahead of time, timed in turn every round):
 - replicated-gspmd: mesh.data=8, experts replicated, moe.experts_local on the global tokens
-  (what moe_mlp does without an expert axis: XLA's partitioner places the sort and the scatter)
+  (XLA's partitioner places the sort and the scatter; what the model would run if
+  expert_parallel.active() were false)
 - replicated-shard_map: mesh.data=8, experts replicated, each device its own tokens inside
-  shard_map (experts_sharded with no expert axis: no all-to-all)
+  shard_map (experts_sharded with no expert axis: no all-to-all; what the model runs)
 - a2a-expert8: mesh.expert=8, each device one expert, two all-to-alls per MoE layer forward
 - a2a-data2-expert4: mesh.data=2 mesh.expert=4
 
@@ -34,7 +35,7 @@ jax.config.update("jax_platforms", "cpu")
 import numpy as np  # noqa: E402
 
 from gptjax import config  # noqa: E402
-from gptjax.core import expert_parallel, model, moe, sharding, steps  # noqa: E402
+from gptjax.core import expert_parallel, model, moe, steps  # noqa: E402
 from gptjax.data.batching import from_windows  # noqa: E402
 from gptjax.tools import plan  # noqa: E402
 
@@ -93,16 +94,15 @@ def main() -> None:
     runs = {}
     for name, (mesh, shard_mapped) in CONTENDERS.items():
         cfg = config.load(ROOT / "configs/debug_moe.yaml", [*BASE, *args.overrides, *mesh])
-        expert_parallel.active = (
-            (lambda: sharding.active() is not None) if shard_mapped else plain_active
-        )
+        expert_parallel.active = plain_active if shard_mapped else (lambda: False)
         setup = steps.build(cfg, jax.devices()[:8])
         state = numpy_state(setup)
         start = time.perf_counter()
         step = plan.compile_step(setup)  # traced now, with this contender's dispatch
         compile_s = time.perf_counter() - start
         rng = np.random.default_rng(1)
-        windows = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1))
+        shape = (cfg.train.batch_size, cfg.model.seq_len + 1)
+        windows = rng.integers(0, cfg.model.vocab_size, shape)
         batch = jax.device_put(from_windows(windows.astype(np.int32), 0), setup.batch_shardings)
         runs[name] = dict(cfg=cfg, setup=setup, state=state, step=step, batch=batch,
                           compile_s=compile_s, times=[], loss=None)  # fmt: skip
@@ -134,12 +134,13 @@ def main() -> None:
         }
         print(json.dumps(report), flush=True)
         rows.append(report)
-    print("\n| contender | compile s | step ms (median, q1-q3) | ratio | all-to-all MiB/device/step |")
+    print("\n| contender | compile s | step ms (median, q1-q3) | ratio | all-to-all MiB/dev/step")
     print("|---|---|---|---|---|")
     for r in rows:
         q1, q3 = r["step_ms_q1_q3"]
         print(
-            f"| {r['contender']} | {r['compile_s']} | {r['step_ms_median']:.0f} ({q1:.0f}-{q3:.0f}) "
+            f"| {r['contender']} | {r['compile_s']} "
+            f"| {r['step_ms_median']:.0f} ({q1:.0f}-{q3:.0f}) "
             f"| {r['ratio_to_replicated_shard_map']:.2f} | {r['a2a_MiB_per_device_per_step']} |"
         )
 

@@ -1,10 +1,11 @@
 """Expert parallelism: the experts of an MoE layer split over the mesh's `expert` axis.
 
 `experts_sharded` takes the arguments of `gptjax.core.moe.experts_local` and returns the same
-result (the same tokens dropped, the same sums up to their order); `moe_mlp` calls it when the
-active mesh has expert > 1. Inside `jax.shard_map` every device holds E / mesh.expert experts
-(their F columns split over `tensor`, their D rows gathered from `fsdp`) and the tokens of its
-batch shard (the batch is split over data, fsdp and expert). Each device
+result (the same tokens dropped, the same sums up to their order); the model passes it to
+`moe_mlp` on any mesh of more than one device (`active`). Inside `jax.shard_map` every device
+holds E / mesh.expert experts (their F columns split over `tensor`, their D rows gathered from
+`fsdp`) and the tokens of its batch shard (the batch is split over data, fsdp and expert).
+Each device
 
 1. ranks its token-expert assignments: with a capacity, an assignment is kept when fewer than
    `capacity` assignments to its expert come before it in the global token order (the counts
@@ -59,9 +60,13 @@ def expert_axes(mesh, rules) -> tuple[str, ...]:
 
 
 def active() -> bool:
-    """A step activated a mesh whose expert axis is larger than 1."""
+    """A step activated a mesh of more than one device: the model then runs its experts with
+    experts_sharded, also without an expert axis (each device its own tokens, every expert
+    replicated). experts_local on the whole batch would leave XLA's partitioner to place its
+    global sort and scatter: on 8 fake devices (mesh.data=8) that step took 3.8x as long
+    (benchmarks/expert_parallel.py, docs/sharding.md)."""
     found = sharding.active()
-    return found is not None and bool(expert_axes(*found))
+    return found is not None and found[0].size > 1
 
 
 def check(model_cfg, mesh, rules, tokens: int | None = None) -> None:
