@@ -258,7 +258,12 @@ def test_a_moe_train_step_learns_and_logs_the_router_figures(tmp_path):
          "model.moe.capacity_factor=1.0", "model.moe.aux_loss=0.1", "optim.warmup_steps=0"],
     )  # fmt: skip
     setup = steps.build(cfg, jax.devices()[:1])
-    state = steps.fresh_state(setup, numpy_params(cfg.model, 0, scale=0.02))
+    params = jax.tree.map(jnp.asarray, numpy_params(cfg.model, 0, scale=0.02))
+    state = {  # no jitted initialisation to compile
+        "params": params,
+        "opt_state": setup.optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32),
+    }
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, (4, 33)).astype(np.int32)  # 64 ids: learnable in 8 steps
     batch = {
@@ -335,3 +340,42 @@ def test_plan_counts_gpt_oss_120b_by_hand_and_its_expert_bytes_per_device():
     assert report["mesh"]["expert"] == 8
     assert report["bytes_per_device"]["experts"] == 4 * L * experts // 8
     assert "active parameters    5,711,982,912" in plan.format_text(report)
+
+
+def test_the_layer_scan_gives_each_layer_its_own_mlp_slice():
+    """4 layers, attention [dense, local:4], MoE except layer 1 (one scan step of 4 layers): the
+    model's logits equal a Python loop over the layers, layer l taking attention slice l and the
+    l-th MLP of its kind (MoE layers 0, 2, 3 -> MoE slices 0, 1, 2; layer 1 -> dense slice 0)."""
+    from flax import nnx
+
+    from gptjax.core.attention import Context
+
+    cfg = config.ModelConfig(
+        vocab_size=64, seq_len=8, d_model=16, n_head=2, n_layer=4, mlp="swiglu",
+        attention_pattern=["dense", "local:4"],
+        moe={"experts": 4, "top_k": 2, "d_ff": 8, "dense_layers": [1], "router_bias": True},
+    )  # fmt: skip
+    assert cfg.moe_layers() == (True, False, True, True) and cfg.scan_group == 4
+    params = jax.tree.map(jnp.asarray, numpy_params(cfg, 4, scale=0.3))
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 8)).astype(np.int32)
+    graphdef, _ = model.abstract(cfg)
+    want = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
+
+    gpt = nnx.merge(graphdef, params)
+    x, blocks = gpt._embed(tokens, None), params["blocks"]
+    slot = {"moe": [0, None, 1, 2], "dense": [None, 0, None, None]}
+    for layer in range(4):
+        kind = "moe" if cfg.moe_layers()[layer] else "dense"
+        p = {}
+        for name, a in blocks.items():
+            if name in moe.PARAMS:
+                if kind == "moe":
+                    p[name] = a[slot["moe"][layer]]
+            elif name in model.DENSE_MLP:
+                if kind == "dense":
+                    p[name] = a[slot["dense"][layer]]
+            else:
+                p[name] = a[layer]
+        x, _, _ = model.block(p, x, cfg, Context(None, None), cfg.windows()[layer])
+    got = gpt.logits(gpt._final_norm(x))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
