@@ -3,6 +3,8 @@ experts_local's result. Oracle: a NumPy loop over tokens and their k experts (Sw
 the capacity kept in token-major order), and the gradients of a dense jnp formulation."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +284,34 @@ def test_resume_on_another_expert_mesh(uninterrupted, tmp_path, cache_dir):
     loop.train(first, progress=False)
     assert max(metrics(run)) == 2
     loop.train(moe_config(run, cache_dir, *RUN, "mesh.data=4", "mesh.expert=2"), progress=False)
+    got = metrics(run)
+    assert sorted(got) == [1, 2, 3, 4]
+    for key in ("loss", "moe/dropped"):
+        np.testing.assert_allclose(
+            [got[s][key] for s in got], [uninterrupted[s][key] for s in got], rtol=RESUME_RTOL
+        )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_expert_parallel_train_like_one(uninterrupted, tmp_path, cache_dir):
+    """2 processes × 4 devices, mesh data 2 (across the processes) × expert 4 (each process's
+    devices): the losses and dropped fractions of one process on the same mesh."""
+    run = tmp_path / "multi"
+    log = tmp_path / "launch.log"
+    args = [f"run_dir={run}", f"data.cache_dir={cache_dir}", "model.moe.experts=8"]
+    args += ["model.dtype=float32", "optim.warmup_steps=0", "optim.eps=1e-4", *RUN]
+    args += ["mesh.data=2", "mesh.expert=4", "--no-progress"]
+    launcher = [sys.executable, "-m", "gptjax", "launch", "--nproc=2", "--devices-per-proc=4"]
+    with log.open("w") as out:
+        process = subprocess.run(
+            [*launcher, "--", "train", str(ROOT / "configs" / "debug_moe.yaml"), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            timeout=400,
+        )
+    assert process.returncode == 0, log.read_text()[-3000:]
     got = metrics(run)
     assert sorted(got) == [1, 2, 3, 4]
     for key in ("loss", "moe/dropped"):
