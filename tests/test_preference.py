@@ -1,6 +1,7 @@
-"""Preference pairs and DPO (issue 24): the pairs' rows and masks, the DPO loss and gradient
-against transformers + torch on the exported policy and reference, ln 2 at the start, a DPO run
-on a 2x2x2 mesh against one device, kill -9 and resume."""
+"""Preference pairs, DPO and reward models (issue 24): the pairs' rows and masks, the DPO loss
+and gradient against transformers + torch on the exported policy and reference, ln 2 at the
+start, a DPO run on a 2x2x2 mesh against one device, kill -9 and resume, pairs built from
+conversations, a reward model that learns a marker and not shuffled labels."""
 
 import json
 import math
