@@ -384,8 +384,6 @@ class Engine:
     # --- the engine's thread ---
 
     def _loop(self) -> None:
-        if self.cache is None:
-            self._empty()
         while True:
             with self.wake:
                 while not (self.waiting or self.exclusive_jobs or self.running()):
@@ -393,6 +391,8 @@ class Engine:
             if (gate := self.gate) is not None:
                 gate.acquire()
             try:
+                if self.cache is None:
+                    self._empty()
                 self.cycle()
             except Exception as error:  # noqa: BLE001 - handed to every request, then go on
                 self._fail_all(error)
@@ -431,7 +431,12 @@ class Engine:
                 self.requests.inc(route=job.route, outcome="timeout")
                 job.send(RequestTimeout("the request waited past --request-timeout"))
                 continue
-            self._admit(job, self.slots.index(None))
+            try:
+                self._admit(job, self.slots.index(None))
+            except Exception as error:
+                self.requests.inc(route=job.route, outcome="error")
+                job.send(error)  # then the others, and the cache starts over (`_loop`)
+                raise
             fresh = True
         return fresh
 
@@ -539,5 +544,4 @@ class Engine:
                     self.slots[job.slot] = None
                 self.requests.inc(route=job.route, outcome="error")
                 job.send(error)
-        self.cache = self.state = None
-        self._empty()
+        self.cache = self.state = None  # made again at the next turn
