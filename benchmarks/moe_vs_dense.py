@@ -9,6 +9,7 @@ with its MLP swapped, all with the same active MLP parameters per token (±1%):
 - dense_gelu: the quickstart itself (GELU MLP 4·d = 512 wide: 2·128·512 = 131,072 per layer)
 - dense_swiglu: a SwiGLU MLP 336 wide (3·128·336 = 129,024)
 - moe8x2: 8 SwiGLU experts 168 wide, top-2, dropless (2·3·128·168 + the router 128·8 = 130,048)
+- moe8x2_capacity: the same with capacity_factor 1.25 (an [E, C, D] buffer, one batched matmul)
 
 All three train steps are compiled in one process, then run in turns: `--rounds` rounds of
 `--steps` steps of each, the same random batch. Prints one JSON object: each contender's median
@@ -33,7 +34,9 @@ CONTENDERS = {
     "dense_gelu": [],
     "dense_swiglu": ["model.mlp=swiglu", "model.d_ff=336"],
     "moe8x2": ["model.moe.experts=8", "model.moe.top_k=2", "model.moe.d_ff=168"],
-}
+    "moe8x2_capacity": ["model.moe.experts=8", "model.moe.top_k=2", "model.moe.d_ff=168",
+                        "model.moe.capacity_factor=1.25"],
+}  # fmt: skip
 
 
 def main() -> None:
