@@ -303,18 +303,19 @@ POISONED = {3, 6, 7, 8}  # metrics steps (1-based) whose loss is made NaN
 def test_nan_steps_are_skipped_and_never_checkpointed(tmp_path, cache_dir, monkeypatch, capsys):
     """Step 3's loss is NaN: its update is skipped and training goes on; steps 6, 7, 8 too:
     with train.max_bad_steps=3 the run stops with one clear line. Every checkpoint is finite."""
-    real_rows, real_losses = pipeline.Dataset.train_rows, steps.token_losses
+    real_rows, real_losses = pipeline.Dataset.train_rows, steps.token_losses_and_aux
 
     def rows(self, seed, step, batch_size, start, stop):
         tokens = real_rows(self, seed, step, batch_size, start, stop)
         return np.zeros_like(tokens) if step + 1 in POISONED else tokens
 
-    def token_losses(graphdef, params, batch, key=None, segments=False):  # all-zero: NaN loss
+    def token_losses_and_aux(graphdef, params, batch, key=None, segments=False):  # all-zero: NaN
         poison = jnp.where(jnp.all(batch["inputs"] == 0), jnp.nan, 0.0)
-        return real_losses(graphdef, params, batch, key, segments) + poison
+        losses, aux = real_losses(graphdef, params, batch, key, segments)
+        return losses + poison, aux
 
     monkeypatch.setattr(pipeline.Dataset, "train_rows", rows)
-    monkeypatch.setattr(steps, "token_losses", token_losses)
+    monkeypatch.setattr(steps, "token_losses_and_aux", token_losses_and_aux)
     run = tmp_path / "run"
     argv = ["train", CONFIG, f"run_dir={run}", f"data.cache_dir={cache_dir}", "--no-progress"]
     more = ["train.log_every=1", "checkpoint.every=1", "checkpoint.keep=30"]

@@ -59,7 +59,7 @@ MARK = 7  # token id that fills row 0 of the poisoned step's batch
 
 def poison(monkeypatch, step: int) -> None:
     """Row 0 of `step`'s batch (1-based) is all MARK; the model adds log(-1) to marked rows."""
-    rows, hidden = pipeline.Dataset.train_rows, model.GPT.hidden
+    rows, hidden = pipeline.Dataset.train_rows, model.GPT.hidden_and_aux
 
     def marked_rows(self, seed, index, batch_size, start, stop):
         out = rows(self, seed, index, batch_size, start, stop)
@@ -68,13 +68,13 @@ def poison(monkeypatch, step: int) -> None:
             out[0] = MARK
         return out
 
-    def poisoned(self, tokens, key=None, **where):
+    def poisoned(self, tokens, key=None, **where):  # the training loss's forward pass
         marked = jnp.all(tokens == MARK, axis=1)
-        out = hidden(self, tokens, key, **where)
-        return out + jnp.log(jnp.where(marked, -1.0, 1.0))[:, None, None]
+        out, aux = hidden(self, tokens, key, **where)
+        return out + jnp.log(jnp.where(marked, -1.0, 1.0))[:, None, None], aux
 
     monkeypatch.setattr(pipeline.Dataset, "train_rows", marked_rows)
-    monkeypatch.setattr(model.GPT, "hidden", poisoned)
+    monkeypatch.setattr(model.GPT, "hidden_and_aux", poisoned)
 
 
 NAN_STEP = 4
@@ -165,7 +165,11 @@ def test_step_times_add_up_to_the_wall_time(tmp_path, cache_dir, monkeypatch):
 
     slowed(data_loader.Prefetcher, "get", "data")  # the loop waits for the batch
     make_train_step = steps.make_train_step
-    monkeypatch.setattr(steps, "make_train_step", lambda setup: slow(make_train_step(setup)))
+    monkeypatch.setattr(
+        steps,
+        "make_train_step",
+        lambda setup, objective=None: slow(make_train_step(setup, objective)),
+    )
     slowed(steps, "evaluate", "eval")
     slowed(checkpoint.Checkpointer, "save", "checkpoint")
     slowed(metrics.StepLogger, "dispatched", "host")  # the progress bar, once per step
@@ -231,14 +235,14 @@ def test_no_jit_runs_eagerly_and_stops_at_the_op(nan_run, tmp_path, cache_dir, m
     jitted one, and a NaN stops the run right at the op."""
     _, jit_dir, _, _ = nan_run
     poison(monkeypatch, 3)
-    seen, hidden = [], model.GPT.hidden
+    seen, hidden = [], model.GPT.hidden_and_aux
 
     def spying(self, tokens, key=None, **where):
-        out = hidden(self, tokens, key, **where)
+        out, aux = hidden(self, tokens, key, **where)
         seen.append(concrete(out))
-        return out
+        return out, aux
 
-    monkeypatch.setattr(model.GPT, "hidden", spying)
+    monkeypatch.setattr(model.GPT, "hidden_and_aux", spying)
     cfg = tiny_config(tmp_path, cache_dir, *DEBUG, "debug.no_jit=true", "train.steps=6")
     with pytest.raises(monitor.NonFiniteError, match=r"^step 3: invalid value \(nan\) encountered"):
         run_captured(cfg)
