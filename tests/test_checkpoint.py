@@ -613,3 +613,28 @@ def test_export_writes_the_checkpoint_parameters(reference, tmp_path, cache_dir,
     assert cli.main(["export", str(run), "--step", "7", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"gptjax: error: no checkpoint for step 7 in {run}/checkpoints"
+
+
+def test_a_reader_opening_while_the_run_deletes_an_old_step_lists_again(tmp_path, monkeypatch):
+    """Orbax lists the steps, then reads each one's metadata; a training run rotating its
+    checkpoints (checkpoint.keep) can delete one in between (FileNotFoundError, seen in CI on a
+    reader of a run that trains): the reader lists again instead of failing."""
+    directory = tmp_path / "run" / "checkpoints"
+    directory.mkdir(parents=True)
+    real, calls = checkpoint.ocp.CheckpointManager, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the first listing meets a step deleted under it
+            raise FileNotFoundError(2, "No such file or directory", str(directory / "215"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", racing)
+    reader = checkpoint.Checkpointer(tmp_path / "run", async_save=False, read_only=True)
+    assert len(calls) == 2 and reader.all_steps() == []
+    reader.close()
+    shutil.rmtree(directory)  # no checkpoints folder at all: that is not a race, it is raised
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        checkpoint.Checkpointer(tmp_path / "run", async_save=False, read_only=True)
+    assert len(calls) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,20 @@ def _processes_failing(failed_here: bool) -> list[int]:
     return [i for i, failed in enumerate(distributed.gather_ints(failed_here)) if failed]
 
 
+def _open_manager(directory: Path, options, handlers, attempts: int = 5):
+    """An Orbax CheckpointManager of `directory`. Opening it lists the steps and reads each
+    one's metadata; a run training meanwhile may delete an old step (checkpoint.keep) between
+    the two, which Orbax reports as FileNotFoundError: list again."""
+    for attempt in range(attempts):
+        try:
+            return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+        except FileNotFoundError:
+            if attempt == attempts - 1 or not directory.is_dir():
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -127,14 +142,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save and not read_only,
             cleanup_tmp_directories=not read_only,  # leftovers of a save killed mid-way
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "state": _reporting_handler(),
-                "config": ocp.JsonCheckpointHandler(),
-            },
-        )
+        handlers = {"state": _reporting_handler(), "config": ocp.JsonCheckpointHandler()}
+        self.manager = _open_manager(self.directory, options, handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -277,12 +286,12 @@ class Checkpointer:
         """Only the parameters of `step` (default newest), onto the shardings in
         `abstract_params`: the optimiser state is never read (it may have another structure)."""
         step = self._existing(step)
-        reader = ocp.CheckpointManager(  # a partial restore needs the PyTree handler
+        reader = _open_manager(  # a partial restore needs the PyTree handler
             self.directory,
-            options=ocp.CheckpointManagerOptions(
+            ocp.CheckpointManagerOptions(
                 create=False, enable_async_checkpointing=False, cleanup_tmp_directories=False
             ),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+            {"state": ocp.PyTreeCheckpointHandler()},
         )
         item = {"params": abstract_params}
         args = ocp.args.PyTreeRestore(
