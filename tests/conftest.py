@@ -57,6 +57,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     )
 
 
+def slowed_train(owner: str, method: str) -> str:
+    """A `python -c` script running `gptjax train ARGV` with `owner.method` ("module:Class")
+    sleeping 0.1 s a call: at most 10 batches a second, so that a signal the test sends after
+    step N lands mid-run however fast the machine is (the numbers are unchanged)."""
+    module, name = owner.split(":")
+    return f"""
+import sys, time
+from {module} import {name} as owner
+
+real = owner.{method}
+
+def slow(self, *args):
+    time.sleep(0.1)
+    return real(self, *args)
+
+owner.{method} = slow
+from gptjax.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
 def run_processes(args_per_rank: list[list[str]], timeout: float = 240) -> list[tuple[int, str]]:
     """`python -m gptjax ARGS` as processes 0..n-1 of one job (explicit GPTJAX_* variables, one
     CPU device each, gloo); process i gets args_per_rank[i]. Returns [(exit code, stderr)] per

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, tiny_config
+from conftest import ROOT, run_cli, slowed_train, tiny_config
 from flax import nnx
 
 from gptjax import cli
@@ -199,22 +199,7 @@ def test_resume_on_other_meshes_and_process_counts(reference, tmp_path, cache_di
 # --- stop signals and kill -9 -----------------------------------------------------------------
 
 
-# Test-only: at most 10 batches a second, so that a fast machine cannot finish all 20 steps
-# between the test seeing step 3 and its signal (the numbers are unchanged).
-SLOW_DATA = """
-import sys, time
-from gptjax.data import pipeline
-
-rows = pipeline.Dataset.train_rows
-
-def slow_rows(self, *args):
-    time.sleep(0.1)
-    return rows(self, *args)
-
-pipeline.Dataset.train_rows = slow_rows
-from gptjax.cli import main
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+SLOW_DATA = slowed_train("gptjax.data.pipeline:Dataset", "train_rows")  # test-only
 
 
 @pytest.mark.slow

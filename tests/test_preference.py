@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, slowed_train, tiny_config
 from test_checkpoint import finish, losses, start, wait_until
 from test_interop_families import random_params
 
@@ -315,21 +315,7 @@ def test_dpo_on_one_device_equals_the_2x2x2_mesh(dpo_reference, sft_run, cache_d
         assert value == pytest.approx(expected[step], rel=1e-6), step
 
 
-# Test-only: at most 10 batches a second, so that the kill lands mid-run however fast it is.
-SLOW_PAIRS = """
-import sys, time
-from gptjax.data import prefs
-
-batch = prefs.PairData.train_batch
-
-def slow_batch(self, *args):
-    time.sleep(0.1)
-    return batch(self, *args)
-
-prefs.PairData.train_batch = slow_batch
-from gptjax.cli import main
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+SLOW_PAIRS = slowed_train("gptjax.data.prefs:PairData", "train_batch")  # test-only
 
 
 @pytest.mark.slow

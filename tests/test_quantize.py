@@ -1,6 +1,8 @@
 """int8 weights (gptjax/core/quantize.py): the rounding bound of one matmul, whole models of two
 families against f32 and against the float weights the int8 ones stand for, and generation."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,8 @@ from gptjax.config import ConfigError
 from gptjax.core import model, quantize, steps
 from gptjax.inference import generate
 from gptjax.inference.settings import Sampling
-from tests.conftest import ROOT
+from gptjax.training import runs
+from tests.conftest import ROOT, run_cli
 
 
 def test_one_matmul_is_within_the_derived_bound():
@@ -96,3 +99,16 @@ def test_an_unknown_quantisation_is_one_line():
     setup = steps.build_model(cfg, jax.devices()[:1])
     with pytest.raises(ConfigError, match="--quantize int4: use one of none, int8"):
         quantize.quantize_setup(setup, {}, "int4")
+
+
+def test_eval_quantize_int8_scores_the_int8_model(chat_run):
+    """`gptjax eval RUN --quantize int8` reaches the model: it prints the held-out score of the
+    int8 weights (runs.score_held_out with quant=int8), which is not the f32 score but near it."""
+    done = run_cli("eval", str(chat_run), "--batches", "1", "--quantize", "int8")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    int8 = runs.score_held_out(chat_run, batches=1, quant="int8")
+    f32 = runs.score_held_out(chat_run, batches=1)
+    assert printed["eval_loss"] == pytest.approx(int8["eval_loss"], rel=1e-6)
+    assert printed["eval_loss"] != f32["eval_loss"]
+    assert printed["eval_loss"] == pytest.approx(f32["eval_loss"], rel=1e-2)

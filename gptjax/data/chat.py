@@ -54,6 +54,18 @@ def check(messages: Any, where: str) -> list[Message]:
     return out
 
 
+def parse_record(line: str, where: str) -> tuple[dict, list[Message]]:
+    """One JSONL line holding a conversation: (the record, its checked "messages"); a DataError
+    naming `where` (PATH:LINE) otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise DataError(f"{where}: not valid JSON") from None
+    if not isinstance(record, dict) or "messages" not in record:
+        raise DataError(f"{where}: no 'messages' list")
+    return record, check(record["messages"], where)
+
+
 def to_json(messages: list[Message]) -> str:
     """How a conversation is stored as a document's text."""
     return json.dumps({"messages": messages}, ensure_ascii=False)

@@ -67,13 +67,7 @@ def files(argument: str) -> list[Path]:
 
 def parse_line(line: str, where: str) -> Pair:
     """One JSONL line as a Pair; a DataError naming `where` otherwise."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise DataError(f"{where}: not valid JSON") from None
-    if not isinstance(record, dict) or "messages" not in record:
-        raise DataError(f"{where}: no 'messages' list")
-    messages = chat.check(record["messages"], where)
+    record, messages = chat.parse_record(line, where)
     if messages[-1]["role"] != "user":
         raise DataError(f"{where}: the last message must be the user's (the replies answer it)")
     for kind in KINDS:

@@ -44,7 +44,7 @@ from flax import nnx
 from gptjax.core import model
 from gptjax.inference import generate, metrics
 from gptjax.inference.chatbot import Piece
-from gptjax.inference.generate import MAX_STOP_IDS, _choose, _TextRow, bucket
+from gptjax.inference.generate import MAX_STOP_IDS, _TextRow, bucket
 from gptjax.inference.settings import TOKENS_PER_CALL, Finish, Settings
 
 _DONE = object()
@@ -128,26 +128,14 @@ def _decode(params, cache, state, settings, halt_B, count, hurry, *, graphdef, c
 
     def step(carry):
         i, state, cache, tokens, emitted = carry
-        active = state["reason"] == 0
-        keys = jax.vmap(jax.random.fold_in)(row_keys, state["new"])
-        token = _choose(state["logits"], keys, settings, vocab)
-        new = state["new"] + active
-        length = state["length"] + active
-        ends = jnp.any(token[:, None] == settings["eod"], axis=1)
-        reason = jnp.select(
-            [ends, new >= settings["max_new"], length >= seq_len],
-            [Finish.EOD.code, Finish.LENGTH.code, Finish.CONTEXT.code],
-            0,
-        )
-        reason = jnp.where(active, reason, state["reason"])
+        token, shown, rows = generate.next_token(state, row_keys, settings, vocab, seq_len)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
-        emitted = jax.lax.dynamic_update_slice(emitted, (active & ~ends)[:, None], (0, i))
-        keep = reason == 0  # the rows still running append their token (the others padding)
-        position = jnp.clip(length - 1, 0, seq_len - 1)
+        emitted = jax.lax.dynamic_update_slice(emitted, shown[:, None], (0, i))
+        keep = rows["reason"] == 0  # the rows still running append their token (others padding)
+        position = jnp.clip(rows["length"] - 1, 0, seq_len - 1)
         cache = dict(cache, index=position)
         logits, cache = gpt.extend(token[:, None], position[:, None], cache, keep[:, None])
-        state = {"logits": logits[:, 0], "length": length, "new": new, "reason": reason}
-        return i + 1, state, model.constrain_cache(cache), tokens, emitted
+        return i + 1, dict(rows, logits=logits[:, 0]), model.constrain_cache(cache), tokens, emitted
 
     tokens = jnp.zeros((B, chunk), jnp.int32)
     emitted = jnp.zeros((B, chunk), bool)

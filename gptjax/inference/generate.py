@@ -132,6 +132,27 @@ def _prefill(params, tokens_BP, lengths_B, max_new_B, *, graphdef):
     return _constrain_cache(cache), state
 
 
+def next_token(state, row_keys, settings, vocab: int, seq_len: int):
+    """One decoding step's choice for every row (this module's and the serving engine's decode
+    loops): (token [B], shown [B]: a running row's token that is not an end-of-document id, the
+    rows' new length, new-token count and finish reason). A row's key is `row_keys[b]` folded
+    with its count of new tokens, so its draws do not depend on the other rows."""
+    active = state["reason"] == 0
+    keys = jax.vmap(jax.random.fold_in)(row_keys, state["new"])
+    token = _choose(state["logits"], keys, settings, vocab)
+    new = state["new"] + active
+    length = state["length"] + active
+    # the end-of-document token and others (settings["eod"] [S] or per row [B, S], -1 pads)
+    ends = jnp.any(token[:, None] == settings["eod"], axis=1)
+    reason = jnp.select(
+        [ends, new >= settings["max_new"], length >= seq_len],
+        [Finish.EOD.code, Finish.LENGTH.code, Finish.CONTEXT.code],
+        0,
+    )
+    reason = jnp.where(active, reason, state["reason"])
+    return token, active & ~ends, {"length": length, "new": new, "reason": reason}
+
+
 def _shift_out_padding(cache, length_B, running_B):
     """The cache is full: shift every row left by the slots no running row needs (the padding
     before the longest running row). A running row holds length - 1 tokens in the cache."""
@@ -165,21 +186,9 @@ def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: i
 
     def step(carry):
         i, state, cache, tokens, emitted = carry
-        active = state["reason"] == 0
-        keys = jax.vmap(jax.random.fold_in)(row_keys, state["new"])
-        token = _choose(state["logits"], keys, settings, vocab)
-        new = state["new"] + active
-        length = state["length"] + active
-        # the end-of-document token and others (settings["eod"], padded with -1)
-        ends = jnp.any(token[:, None] == settings["eod"][None, :], axis=1)
-        reason = jnp.select(
-            [ends, new >= settings["max_new"], length >= seq_len],
-            [Finish.EOD.code, Finish.LENGTH.code, Finish.CONTEXT.code],
-            0,
-        )
-        reason = jnp.where(active, reason, state["reason"])
+        token, shown, rows = next_token(state, row_keys, settings, vocab, seq_len)
+        length, reason = rows["length"], rows["reason"]
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
-        shown = active & ~ends
         emitted = jax.lax.dynamic_update_slice(emitted, shown[:, None], (0, i))
         # append the tokens of the rows still running (the others write padding)
         keep = reason == 0
@@ -191,8 +200,7 @@ def _decode(params, cache, state, settings, halt_B, count, *, graphdef, chunk: i
         )
         position = jnp.clip(length - 1, 0, seq_len - 1)[:, None]
         logits, cache = gpt.extend(token[:, None], position, cache, keep[:, None].astype(jnp.int32))
-        state = {"logits": logits[:, 0], "length": length, "new": new, "reason": reason}
-        return i + 1, state, _constrain_cache(cache), tokens, emitted
+        return i + 1, dict(rows, logits=logits[:, 0]), _constrain_cache(cache), tokens, emitted
 
     tokens = jnp.zeros((B, chunk), jnp.int32)
     emitted = jnp.zeros((B, chunk), bool)

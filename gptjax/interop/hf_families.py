@@ -641,14 +641,24 @@ _ROPE_BLOCK = dict(
 )
 
 
-def _llama_mismatches(model: ModelConfig) -> list[str]:
-    problems = _model_problems(model, {**_ROPE_BLOCK, "attention_pattern": ("dense",)})
+def _one_attention_bias(model: ModelConfig, problems: list[str]) -> None:
+    """Llama-style configs have one attention_bias for q/k/v and the output projection."""
     _need(
         problems,
         model.qkv_bias == model.attn_out_bias,
         f"model.qkv_bias={model.qkv_bias} with model.attn_out_bias={model.attn_out_bias} "
         "(its attention_bias covers both)",
     )
+
+
+def _one_window(model: ModelConfig, problems: list[str]) -> None:
+    """Mistral-style configs have one sliding_window for every local layer."""
+    _need(problems, _window(model) != -1, "local layers of different windows (one sliding_window)")
+
+
+def _llama_mismatches(model: ModelConfig) -> list[str]:
+    problems = _model_problems(model, {**_ROPE_BLOCK, "attention_pattern": ("dense",)})
+    _one_attention_bias(model, problems)
     return problems
 
 
@@ -668,19 +678,14 @@ def _qwen2_mismatches(model: ModelConfig) -> list[str]:
     problems = _model_problems(
         model, {**_ROPE_BLOCK, "qkv_bias": True, "attn_out_bias": False, "mlp_bias": False}
     )
-    _need(problems, _window(model) != -1, "local layers of different windows (one sliding_window)")
+    _one_window(model, problems)
     return problems
 
 
 def _qwen3_mismatches(model: ModelConfig) -> list[str]:
     problems = _model_problems(model, {**_ROPE_BLOCK, "qk_norm": True, "mlp_bias": False})
-    _need(
-        problems,
-        model.qkv_bias == model.attn_out_bias,
-        f"model.qkv_bias={model.qkv_bias} with model.attn_out_bias={model.attn_out_bias} "
-        "(its attention_bias covers both)",
-    )
-    _need(problems, _window(model) != -1, "local layers of different windows (one sliding_window)")
+    _one_attention_bias(model, problems)
+    _one_window(model, problems)
     return problems
 
 
@@ -1058,12 +1063,7 @@ def _qwen3_moe_fields(hf: dict) -> dict:
 def _qwen3_moe_mismatches(model: ModelConfig) -> list[str]:
     want = {**_ROPE_BLOCK, "qk_norm": True, "mlp_bias": False, "moe": True}
     problems = _model_problems(model, want)
-    _need(
-        problems,
-        model.qkv_bias == model.attn_out_bias,
-        f"model.qkv_bias={model.qkv_bias} with model.attn_out_bias={model.attn_out_bias} "
-        "(its attention_bias covers both)",
-    )
+    _one_attention_bias(model, problems)
     _need(
         problems,
         len(model.attention_pattern) == 1,
@@ -1165,13 +1165,8 @@ def _gpt_oss_fields(hf: dict) -> dict:
 def _gpt_oss_mismatches(model: ModelConfig) -> list[str]:
     want = {**_ROPE_BLOCK, "attention_sinks": True, "mlp_bias": (False, True), "moe": True}
     problems = _model_problems(model, want)
-    _need(
-        problems,
-        model.qkv_bias == model.attn_out_bias,
-        f"model.qkv_bias={model.qkv_bias} with model.attn_out_bias={model.attn_out_bias} "
-        "(its attention_bias covers both)",
-    )
-    _need(problems, _window(model) != -1, "local layers of different windows (one sliding_window)")
+    _one_attention_bias(model, problems)
+    _one_window(model, problems)
     _all_moe(model, problems)
     _moe_problems(
         model, problems, {"router_bias": True, "expert_bias": True, "activation": "swiglu_clamped"}

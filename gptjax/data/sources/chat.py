@@ -5,7 +5,6 @@ opened, so a bad line is one DataError (path:line) before anything is written.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gptjax.data.chat as chat
@@ -36,13 +35,7 @@ def _read(root: Path, files: list[Path]) -> list[tuple[str, str]]:
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{where}: not valid JSON") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise DataError(f"{where}: no 'messages' list")
-            messages = chat.check(record["messages"], where)
+            _, messages = chat.parse_record(line, where)
             documents.append((f"{path.relative_to(root)}:{number}", chat.to_json(messages)))
     if not documents:
         raise DataError(f"{root}: no conversations")
