@@ -265,8 +265,8 @@ def test_packed_and_unpacked_masked_losses_are_equal(tmp_path, tokenizers):
     params = random_params(cfg)
     graphdef = model.abstract(cfg)[0]
     run = jax.jit(steps.loss_and_grads, static_argnums=(0, 3), static_argnames="segments")
-    loss_p, grads_p, count_p = run(graphdef, params, packed, 1, segments=True)
-    loss_a, grads_a, count_a = run(graphdef, params, alone, 1, segments=False)
+    loss_p, grads_p, count_p, _ = run(graphdef, params, packed, 1, segments=True)
+    loss_a, grads_a, count_a, _ = run(graphdef, params, alone, 1, segments=False)
     assert float(count_p) == float(count_a)
     np.testing.assert_allclose(float(loss_p), float(loss_a), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_p, grads_a)

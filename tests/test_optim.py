@@ -96,8 +96,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
     windows = rng.integers(0, cfg.model.vocab_size, (8, cfg.model.seq_len + 1)).astype(np.int32)
     batch = from_windows(windows, eod_id=0)
     grads = jax.jit(steps.loss_and_grads, static_argnums=(0, 3))
-    loss1, grads1, _ = grads(graphdef, params, batch, 1)
-    loss4, grads4, _ = grads(graphdef, params, batch, 4)
+    loss1, grads1, _, _ = grads(graphdef, params, batch, 1)
+    loss4, grads4, _, _ = grads(graphdef, params, batch, 4)
     assert float(loss4) == pytest.approx(float(loss1), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads4), strict=True):
         # f32 sums in another order: relative 1e-5 of the largest gradient entry

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax.core import sharding, steps
+from gptjax.core import steps
 
 PAIR_STATS = ("reward_chosen", "reward_rejected", "margin", "accuracy")
 
@@ -97,27 +97,15 @@ def _pair_loss_and_grads(loss_fn, params, batch: dict, micro_batches: int, key=N
     pairs = batch["inputs"].shape[0] // 2
     count = batch["loss_mask"].astype(jnp.float32).sum()
     grad_fn = jax.value_and_grad(lambda p, m, k: _scaled(loss_fn(p, m, k), pairs), has_aux=True)
-    if micro_batches == 1:
-        (loss, sums), grads = grad_fn(params, batch, key)
-    else:
 
-        def accumulate(carry, xs):
-            loss_sum, grad_sum, stat_sum = carry
-            index, micro = xs
-            micro = {k: sharding.constrain(v, ("batch", None)) for k, v in micro.items()}
-            sub_key = None if key is None else jax.random.fold_in(key, index)
-            (loss, sums), grads = grad_fn(params, micro, sub_key)
-            add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            return (loss_sum + loss, add(grad_sum, grads), add(stat_sum, sums)), None
+    def value_and_grad(params, micro, key):
+        (loss, sums), grads = grad_fn(params, micro, key)
+        return loss, sums, grads
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        no_stats = {name: jnp.zeros((), jnp.float32) for name in PAIR_STATS}
-        (loss, grads, sums), _ = jax.lax.scan(
-            accumulate,
-            (jnp.zeros((), jnp.float32), zeros, no_stats),
-            (jnp.arange(micro_batches), split_pairs(batch, micro_batches)),
-        )
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    no_stats = {name: jnp.zeros((), jnp.float32) for name in PAIR_STATS}
+    loss, sums, grads = steps.over_micro_batches(
+        value_and_grad, params, batch, micro_batches, key, split_pairs, no_stats
+    )
     return loss, grads, count, {name: v / pairs for name, v in sums.items()}
 
 

@@ -229,23 +229,52 @@ def masked_sum(losses_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     return (losses_BT * mask_BT.astype(jnp.float32)).sum()
 
 
+def split_rows(batch: dict, micro_batches: int) -> dict:
+    """[B, ...] arrays -> [M, B/M, ...]: row m, m+M, m+2M, ... go to micro-batch m, so every
+    device holds part of each."""
+
+    def split(a):
+        B = a.shape[0]
+        return a.reshape(B // micro_batches, micro_batches, *a.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def over_micro_batches(value_and_grad, params, batch: dict, micro_batches: int, key, split, stats):
+    """`value_and_grad(params, micro, key) -> (loss, {stat: value}, grads)` summed over the
+    micro-batches `split(batch, micro_batches)` gives, the gradients added up in one f32 buffer
+    in a `lax.scan` (each micro-batch's key folded from `key`); `stats` names the stats (zeros).
+    One micro-batch: one call."""
+    if micro_batches == 1:
+        return value_and_grad(params, batch, key)
+
+    def accumulate(carry, xs):
+        loss_sum, stats_sum, grad_sum = carry
+        index, micro = xs
+        micro = {k: sharding.constrain(v, ("batch", None)) for k, v in micro.items()}
+        sub_key = None if key is None else jax.random.fold_in(key, index)
+        loss, values, grads = value_and_grad(params, micro, sub_key)
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (loss_sum + loss, add(stats_sum, values), add(grad_sum, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, values, grads), _ = jax.lax.scan(
+        accumulate,
+        (jnp.zeros((), jnp.float32), stats, zeros),
+        (jnp.arange(micro_batches), split(batch, micro_batches)),
+    )
+    return loss, values, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def loss_and_grads(
-    graphdef,
-    params,
-    batch: dict,
-    micro_batches: int,
-    key=None,
-    segments=False,
-    aux=False,
-    teacher=None,
+    graphdef, params, batch: dict, micro_batches: int, key=None, segments=False, teacher=None
 ):
-    """(mean loss over scored tokens, its gradient, the number of scored tokens), and with
-    `aux` the MoE router figures (means over the micro-batches; {} for a dense model).
+    """(mean loss over scored tokens, its gradient, the number of scored tokens, the MoE router
+    figures: means over the micro-batches, {} for a dense model).
     `teacher` (train.distill_from, gptjax/core/distill.py): the distillation loss instead.
 
-    The batch splits into `micro_batches` (row m, m+M, m+2M, ... go to micro-batch m, so every
-    device holds part of each); each contributes its masked loss sum divided by the whole
-    batch's scored-token count, and the gradients add up in one f32 buffer in a `lax.scan`.
+    The batch splits into `micro_batches` (split_rows); each contributes its masked loss sum
+    divided by the whole batch's scored-token count (over_micro_batches adds them up).
     An MoE model's gradient also carries its router losses (moe.penalty, per micro-batch / M);
     the loss returned is the language-model loss alone.
     """
@@ -268,34 +297,11 @@ def loss_and_grads(
         (_, (lm, figures)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, key)
         return lm, figures, grads
 
-    if micro_batches == 1:
-        loss, figures, grads = value_and_grad(params, batch, key)
-        return (loss, grads, count, figures) if aux else (loss, grads, count)
-
-    def split(a):
-        B = a.shape[0]
-        return a.reshape(B // micro_batches, micro_batches, *a.shape[1:]).swapaxes(0, 1)
-
-    micro_batches_tree = jax.tree.map(split, batch)
-
-    def accumulate(carry, xs):
-        loss_sum, figures_sum, grad_sum = carry
-        index, micro = xs
-        micro = {k: sharding.constrain(v, ("batch", None)) for k, v in micro.items()}
-        sub_key = None if key is None else jax.random.fold_in(key, index)
-        loss, figures, grads = value_and_grad(params, micro, sub_key)
-        add = lambda a, b: jax.tree.map(jnp.add, a, b)
-        return (loss_sum + loss, add(figures_sum, figures), add(grad_sum, grads)), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     no_figures = {name: jnp.zeros((), jnp.float32) for name in moe.summarise_keys(model_cfg)}
-    (loss, figures, grads), _ = jax.lax.scan(
-        accumulate,
-        (jnp.zeros((), jnp.float32), no_figures, zeros),
-        (jnp.arange(micro_batches), micro_batches_tree),
+    loss, figures, grads = over_micro_batches(
+        value_and_grad, params, batch, micro_batches, key, split_rows, no_figures
     )
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return (loss, grads, count, figures) if aux else (loss, grads, count)
+    return loss, grads, count, figures
 
 
 # --- jitted steps -------------------------------------------------------------------------------
@@ -315,9 +321,7 @@ def make_train_step(setup: Setup, objective=None):
         key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"]) if use_dropout else None
         M = cfg.train.micro_batches
         if objective is None:
-            loss, grads, count, figures = loss_and_grads(
-                graphdef, params, batch, M, key, segments, aux=True
-            )
+            loss, grads, count, figures = loss_and_grads(graphdef, params, batch, M, key, segments)
             more = {f"moe/{name}": value for name, value in figures.items()}  # model.moe
         else:
             loss, grads, count, more = objective.loss_and_grads(params, batch, M, key, inputs)

@@ -71,7 +71,7 @@ class Distill:
         segments = self.setup.cfg.data.packing == "segments"
         frozen = self.teacher._replace(params=teacher_params)
         loss, grads, count, figures = steps.loss_and_grads(
-            self.setup.graphdef, params, batch, micro_batches, key, segments, True, frozen
+            self.setup.graphdef, params, batch, micro_batches, key, segments, teacher=frozen
         )
         return loss, grads, count, {f"moe/{name}": value for name, value in figures.items()}
 
